@@ -1,0 +1,33 @@
+"""Learning to Imagine (Tang, Peng, Zheng, CVPR 2022) for Avalanche, with LUCIR."""
+
+from .fitting import ABLATIONS, GeneratorConfig, NonFiniteLossError
+from .generator import FeatureGenerator, GeneratorBank
+from .memory import ExemplarMemory, herding_order
+from .models import (
+    CosineClassifier,
+    SplitModel,
+    resnet18,
+    resnet32,
+    split_torchvision_resnet,
+)
+from .strategies import EVAL_CLASSIFIERS, LUCIR, ImagineStrategy
+
+__all__ = [
+    "ABLATIONS",
+    "EVAL_CLASSIFIERS",
+    "CosineClassifier",
+    "ExemplarMemory",
+    "FeatureGenerator",
+    "GeneratorBank",
+    "GeneratorConfig",
+    "ImagineStrategy",
+    "LUCIR",
+    "NonFiniteLossError",
+    "SplitModel",
+    "herding_order",
+    "resnet18",
+    "resnet32",
+    "split_torchvision_resnet",
+]
+
+__version__ = "0.1.0"

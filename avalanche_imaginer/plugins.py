@@ -1,0 +1,421 @@
+"""Avalanche plugins: one concern of LUCIR or of the Imagine strategy each.
+
+The plugins expect a strategy built on
+:class:`~avalanche_imaginer.strategies.base.CosineIncrementalTemplate`: a
+:class:`~avalanche_imaginer.models.SplitModel` as model, an
+:class:`~avalanche_imaginer.memory.ExemplarMemory` as ``strategy.memory``, and
+the minibatch's feature maps and features cached by its ``forward`` as
+``strategy.mb_maps`` and ``strategy.mb_features``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from tqdm.auto import tqdm
+
+from ._utils import compute_features, frozen
+from .data import UnlabeledPool, mine_unlabeled
+from .fitting import GeneratorConfig, fit_generator
+from .generator import GeneratorBank
+from .losses import less_forget_loss, less_forget_weight, margin_ranking_loss
+
+__all__ = [
+    "ExemplarMemoryPlugin",
+    "LessForgetPlugin",
+    "MarginRankingPlugin",
+    "WeightImprintingPlugin",
+    "LowerLRPlugin",
+    "ClassBalancedFinetuningPlugin",
+    "GeneratorFittingPlugin",
+    "ImaginedReplayPlugin",
+    "BN_MODES",
+]
+
+logger = logging.getLogger(__name__)
+
+#: How generated maps pass through the BatchNorm layers of the upper part.
+BN_MODES = ("eval", "train")
+
+
+def _new_classes(strategy) -> list[int]:
+    return sorted(int(c) for c in strategy.experience.classes_in_this_experience)
+
+
+def _old_and_new(strategy) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids of the classes of earlier experiences and of the current one."""
+    clf = strategy.model.classifier
+    old = torch.nonzero(clf.frozen_mask).flatten()
+    new = torch.nonzero(clf.active_units & ~clf.frozen_mask).flatten()
+    return old, new
+
+
+class ExemplarMemoryPlugin(SupervisedPlugin):
+    """Mixes the exemplars into the training data and updates the memory.
+
+    Exemplars join the experience's data before the dataloader is made (as
+    Avalanche's iCaRL does), so batches hold both. After training, exemplars of
+    the new classes are chosen and the memory re-balanced; class means for NME
+    are recomputed when ``compute_means``.
+    """
+
+    def __init__(self, *, compute_means: bool = False):
+        super().__init__()
+        self.compute_means = compute_means
+
+    def after_train_dataset_adaptation(self, strategy, **kwargs):
+        exemplars = strategy.memory.dataset(train=True)
+        if exemplars is None:
+            return
+        strategy.adapted_dataset = strategy.adapted_dataset.concat(exemplars)
+
+    def after_training_exp(self, strategy, **kwargs):
+        strategy.memory.update(
+            strategy.model,
+            strategy.experience.dataset,
+            _new_classes(strategy),
+            device=strategy.device,
+            batch_size=strategy.eval_mb_size,
+        )
+        if self.compute_means:
+            strategy.memory.compute_class_means(
+                strategy.model, device=strategy.device, batch_size=strategy.eval_mb_size
+            )
+
+
+class LessForgetPlugin(SupervisedPlugin):
+    """LUCIR's less-forget distillation on the features of every sample.
+
+    ``lambda_base * sqrt(old_classes / new_classes) * mean(1 - cos(f_old, f))``.
+    The frozen ``old_model`` is a copy of the model taken after each
+    experience.
+    """
+
+    def __init__(self, lambda_base: float = 5.0):
+        super().__init__()
+        self.lambda_base = lambda_base
+        self.old_model = None
+        self.weight = 0.0
+
+    def before_training_exp(self, strategy, **kwargs):
+        old, new = _old_and_new(strategy)
+        self.weight = less_forget_weight(self.lambda_base, len(old), len(new))
+
+    def before_backward(self, strategy, **kwargs):
+        if self.old_model is None or self.weight == 0.0:
+            return
+        with torch.no_grad():
+            old_features = self.old_model.features(strategy.mb_x)
+        loss = less_forget_loss(strategy.mb_features, old_features)
+        strategy.loss += self.weight * loss
+
+    def after_training_exp(self, strategy, **kwargs):
+        self.old_model = copy.deepcopy(strategy.model).eval()
+        for p in self.old_model.parameters():
+            p.requires_grad_(False)
+
+
+class MarginRankingPlugin(SupervisedPlugin):
+    """LUCIR's margin ranking loss on the exemplars of each batch."""
+
+    def __init__(self, *, margin: float = 0.5, top_k: int = 2, weight: float = 1.0):
+        super().__init__()
+        self.margin = margin
+        self.top_k = top_k
+        self.weight = weight
+
+    def before_backward(self, strategy, **kwargs):
+        old, new = _old_and_new(strategy)
+        if len(old) == 0 or self.weight == 0.0:
+            return
+        cosines = strategy.model.classifier.cosine(strategy.mb_features)
+        loss = margin_ranking_loss(
+            cosines, strategy.mb_y, old, new, margin=self.margin, top_k=self.top_k
+        )
+        strategy.loss += self.weight * loss
+
+
+class WeightImprintingPlugin(SupervisedPlugin):
+    """Initialises new classes' weights from their normalised mean features.
+
+    Done before training on each experience after the first (LUCIR).
+    """
+
+    def before_training_exp(self, strategy, **kwargs):
+        old, new = _old_and_new(strategy)
+        if len(old) == 0:
+            return
+        dataset = strategy.experience.dataset.eval()
+        by_class = dataset.targets.val_to_idx
+        means = []
+        for c in new.tolist():
+            feats = compute_features(
+                strategy.model,
+                dataset.subset(list(by_class[c])),
+                batch_size=strategy.eval_mb_size,
+                device=strategy.device,
+            )
+            means.append(F.normalize(feats, dim=1).mean(dim=0))
+        strategy.model.classifier.imprint(new.tolist(), torch.stack(means))
+
+
+class LowerLRPlugin(SupervisedPlugin):
+    """Trains the lower part at ``factor`` times the learning rate after the first
+    experience, by scaling its gradients (exact for SGD, with or without
+    momentum; with adaptive optimizers such as Adam it only damps the step).
+    """
+
+    def __init__(self, factor: float = 0.1):
+        super().__init__()
+        self.factor = factor
+
+    def before_update(self, strategy, **kwargs):
+        if self.factor == 1.0 or not strategy.model.classifier.frozen_mask.any():
+            return
+        for p in strategy.model.lower.parameters():
+            if p.grad is not None:
+                p.grad.mul_(self.factor)
+
+
+class ClassBalancedFinetuningPlugin(SupervisedPlugin):
+    """Fine-tunes the classifier on the (class-balanced) memory after training.
+
+    Runs after the memory update of each experience after the first; the
+    backbone is frozen and features are computed once, without augmentation.
+    """
+
+    def __init__(self, *, epochs: int = 20, lr: float = 0.01, batch_size: int = 128):
+        super().__init__()
+        self.epochs = epochs
+        self.lr = lr
+        self.batch_size = batch_size
+
+    def after_training_exp(self, strategy, **kwargs):
+        clf = strategy.model.classifier
+        exemplars = strategy.memory.dataset(train=False)
+        if self.epochs == 0 or exemplars is None or not clf.frozen_mask.any():
+            return
+        feats = compute_features(
+            strategy.model,
+            exemplars,
+            batch_size=strategy.eval_mb_size,
+            device=strategy.device,
+        )
+        labels = torch.as_tensor(list(exemplars.targets), device=strategy.device)
+        params = [p for p in clf.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+        freeze_old, clf.freeze_old = clf.freeze_old, False
+        try:
+            for _ in range(self.epochs):
+                order = torch.randperm(len(feats), device=feats.device)
+                for rows in order.split(self.batch_size):
+                    loss = F.cross_entropy(clf(feats[rows]), labels[rows])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+        finally:
+            clf.freeze_old = freeze_old
+
+
+class GeneratorFittingPlugin(SupervisedPlugin):
+    """Fits one generator per new class at the end of each experience.
+
+    Runs after the memory update, while the experience's data is reachable.
+    The network is frozen while fitting; the maps of the class's samples, of
+    its exemplars and of ``unlabeled_per_class`` unlabeled inputs are computed
+    once, then the generator is fitted on random triplets of them.
+
+    :param config: the generators' design and fitting schedule.
+    :param unlabeled_per_class: unlabeled inputs drawn for each class's fitting.
+    :param mining: re-mine the unlabeled pool after each experience (keep, per
+        predicted class, the lowest-entropy inputs).
+    :param mining_per_class: inputs kept per predicted class when mining.
+    :param progress: show a progress bar over the classes.
+    """
+
+    def __init__(
+        self,
+        config: GeneratorConfig,
+        *,
+        unlabeled_per_class: int = 1024,
+        mining: bool = False,
+        mining_per_class: int = 100,
+        progress: bool = True,
+    ):
+        super().__init__()
+        self.config = config
+        self.unlabeled_per_class = unlabeled_per_class
+        self.mining = mining
+        self.mining_per_class = mining_per_class
+        self.progress = progress
+        self.fit_seconds: dict[int, float] = {}
+        self.fit_losses: dict[int, dict[str, float]] = {}
+
+    def after_training_exp(self, strategy, **kwargs):
+        if self.config.ablation == "no_generator" or self.config.epochs == 0:
+            return
+        pool: UnlabeledPool = strategy.unlabeled_pool
+        model = strategy.model
+        device = strategy.device
+        batch = strategy.eval_mb_size
+        dataset = strategy.experience.dataset.eval()
+        by_class = dataset.targets.val_to_idx
+        exp_id = strategy.experience.current_experience
+        fitted = {}
+        classes = _new_classes(strategy)
+        for c in tqdm(
+            classes, desc=f"generators (exp {exp_id})", disable=not self.progress
+        ):
+            exemplars = (
+                strategy.memory.exemplars_of(c)
+                if c in strategy.memory.classes
+                else None
+            )
+            if exemplars is None or len(exemplars) == 0:
+                logger.warning("class %d has no exemplar: no generator is fitted", c)
+                continue
+            start = time.perf_counter()
+            real_maps = compute_features(
+                model,
+                dataset.subset(list(by_class[c])),
+                batch_size=batch,
+                device=device,
+                maps=True,
+            )
+            exemplar_maps = compute_features(
+                model, exemplars.eval(), batch_size=batch, device=device, maps=True
+            )
+            with frozen(model), torch.no_grad():
+                unlabeled_maps = torch.cat(
+                    [
+                        model.feature_map(pool.sample(n, device))
+                        for n in _chunks(self.unlabeled_per_class, batch)
+                    ]
+                )
+            generator, losses = fit_generator(
+                model,
+                c,
+                real_maps,
+                exemplar_maps,
+                unlabeled_maps,
+                self.config,
+                experience=exp_id,
+            )
+            fitted[c] = generator
+            self.fit_seconds[c] = time.perf_counter() - start
+            self.fit_losses[c] = losses
+            logger.info(
+                "generator of class %d fitted in %.1f s, final loss %.4f (%s)",
+                c,
+                self.fit_seconds[c],
+                losses["loss"],
+                ", ".join(f"{k}={v:.4f}" for k, v in losses.items() if k != "loss"),
+            )
+        # Stored only once every class of the experience is fitted: an error
+        # above leaves the bank as it was.
+        for c, generator in fitted.items():
+            strategy.generators.add(c, generator)
+        if self.mining:
+            pool.restrict(
+                mine_unlabeled(
+                    model,
+                    pool,
+                    per_class=self.mining_per_class,
+                    device=device,
+                    batch_size=batch,
+                )
+            )
+
+
+def _chunks(total: int, size: int) -> list[int]:
+    return [min(size, total - i) for i in range(0, total, size)]
+
+
+class ImaginedReplayPlugin(SupervisedPlugin):
+    """Adds the loss of imagined counterparts of the batch's exemplars.
+
+    Each exemplar of an old class gets ``n_generated`` counterparts
+    ``G_y([f1(x) ; f1(u)])`` from its class's frozen generator and fresh
+    unlabeled inputs ``u``; they go through the upper part and the classifier,
+    and ``weight * CE(logits, y)`` is added to the loss. A batch without
+    exemplars adds nothing.
+
+    :param n_generated: counterparts per exemplar.
+    :param weight: weight of their cross-entropy.
+    :param bn_mode: BatchNorm of the upper part for generated maps: ``"eval"``
+        (running statistics, untouched by generated maps) or ``"train"``
+        (batch statistics, as the authors' CIFAR code).
+    """
+
+    def __init__(
+        self, *, n_generated: int = 2, weight: float = 1.0, bn_mode: str = "eval"
+    ):
+        super().__init__()
+        if bn_mode not in BN_MODES:
+            raise ValueError(f"generated_bn must be one of {BN_MODES}, got {bn_mode!r}")
+        self.n_generated = n_generated
+        self.weight = weight
+        self.bn_mode = bn_mode
+        self.last_count = 0  # counterparts generated for the last batch
+        self._warned: set[int] = set()
+
+    def before_backward(self, strategy, **kwargs):
+        self.last_count = 0
+        bank: GeneratorBank = strategy.generators
+        if self.n_generated == 0 or self.weight == 0.0 or len(bank) == 0:
+            return
+        old, _ = _old_and_new(strategy)
+        y = strategy.mb_y
+        is_exemplar = torch.isin(y, old)
+        has_generator = torch.tensor(
+            [int(c) in bank for c in y.tolist()], device=y.device
+        )
+        for c in y[is_exemplar & ~has_generator].unique().tolist():
+            if c not in self._warned:
+                self._warned.add(c)
+                logger.warning(
+                    "class %d has no generator: its exemplars get no counterpart", c
+                )
+        rows = torch.nonzero(is_exemplar & has_generator).flatten()
+        if len(rows) == 0:
+            return
+        model = strategy.model
+        labels = y[rows].repeat_interleave(self.n_generated)  # (E*n,)
+        content = strategy.mb_maps[rows].detach().repeat_interleave(self.n_generated, 0)
+        with torch.no_grad(), frozen(model.lower):
+            style = model.feature_map(
+                strategy.unlabeled_pool.sample(len(labels), strategy.device)
+            )
+        generated = bank.generate(content, style, labels)  # (E*n, C, H, W)
+        if self.bn_mode == "eval":
+            with _bn_eval(model.upper):
+                logits = model.logits_of_map(generated)
+        else:
+            logits = model.logits_of_map(generated)
+        strategy.loss += self.weight * F.cross_entropy(logits, labels)
+        self.last_count = len(labels)
+
+
+class _bn_eval:
+    """Puts the BatchNorm layers of a module in eval mode inside the block."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.layers = [
+            m
+            for m in module.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        ]
+
+    def __enter__(self):
+        self.modes = [m.training for m in self.layers]
+        for m in self.layers:
+            m.eval()
+
+    def __exit__(self, *exc):
+        for m, mode in zip(self.layers, self.modes):
+            m.training = mode
