@@ -30,12 +30,15 @@ def frozen(*modules: nn.Module) -> Iterator[None]:
                 p.requires_grad_(flag)
 
 
-def first_input(item) -> Tensor:
-    """The input tensor of a dataset item: the item itself or its first element."""
+def first_input(item, *, name: str = "dataset") -> Tensor:
+    """The input tensor of a dataset item: the item itself or its first element.
+
+    :param name: what the item comes from, for the error message.
+    """
     x = item[0] if isinstance(item, (tuple, list)) else item
     if not isinstance(x, Tensor):
         raise TypeError(
-            "dataset items must be a tensor or a tuple/list whose first element "
+            f"{name} items must be a tensor or a tuple/list whose first element "
             f"is a tensor, got an item whose input is {type(x).__name__}"
         )
     return x

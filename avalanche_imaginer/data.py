@@ -32,6 +32,9 @@ class UnlabeledPool:
             )
         if len(dataset) == 0:
             raise ValueError("unlabeled_data is empty: it must hold at least one input")
+        # Items of another kind (e.g. file names) would fail only at the first
+        # generator fitting, after a whole experience of training.
+        first_input(dataset[0], name="unlabeled_data")
         self.dataset = dataset
         self.active: Tensor | None = None  # indices kept by mining, or all
 
@@ -40,7 +43,7 @@ class UnlabeledPool:
 
     def example(self) -> Tensor:
         """The first input, to check that a model takes it."""
-        return first_input(self.dataset[0])
+        return first_input(self.dataset[0], name="unlabeled_data")
 
     def _input(self, index: int) -> Tensor:
         return first_input(self.dataset[index])

@@ -53,14 +53,19 @@ class GeneratorConfig:
                 raise ValueError(f"generator {name} must be an int >= 1, got {value!r}")
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise ValueError(
-                f"generator_epochs must be an int >= 0, got {self.epochs!r}"
+                f"generator epochs must be an int >= 0, got {self.epochs!r}"
             )
         for name in ("lr", "momentum", "weight_decay", "lam", "lam_cyc"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value >= 0:
                 raise ValueError(f"generator {name} must be >= 0, got {value!r}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 or None, got {self.clip_norm!r}")
+        if self.clip_norm is not None and (
+            not isinstance(self.clip_norm, (int, float)) or not self.clip_norm > 0
+        ):
+            raise ValueError(
+                f"generator clip_norm must be a number > 0 or None, got "
+                f"{self.clip_norm!r}"
+            )
         if self.semantic not in SEMANTIC_MODES:
             raise ValueError(
                 f"semantic must be one of {SEMANTIC_MODES}, got {self.semantic!r}"

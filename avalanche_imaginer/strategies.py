@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -99,10 +100,14 @@ class CosineIncrementalTemplate(SupervisedTemplate):
                 f"{type(optimizer).__name__}"
             )
         _check_number("memory_size", memory_size, integer=True)
+        if memory_per_class is not None:
+            _check_number("memory_per_class", memory_per_class, integer=True)
         _check_number("lambda_base", lambda_base)
         _check_number("lower_lr_factor", lower_lr_factor)
         _check_number("train_mb_size", train_mb_size, minimum=1, integer=True)
         _check_number("train_epochs", train_epochs, minimum=1, integer=True)
+        if eval_mb_size is not None:
+            _check_number("eval_mb_size", eval_mb_size, minimum=1, integer=True)
         if eval_classifier not in EVAL_CLASSIFIERS:
             raise ValueError(
                 f"eval_classifier must be one of {EVAL_CLASSIFIERS}, "
@@ -360,10 +365,11 @@ class ImagineStrategy(CosineIncrementalTemplate):
                 "generator must be a GeneratorConfig or None, got "
                 f"{type(generator).__name__}"
             )
-        config = generator or GeneratorConfig()
-        config.epochs = generator_epochs
-        config.ablation = ablation
-        config.__post_init__()
+        # A copy (validated again by its __post_init__): the caller's config
+        # may be shared with other strategies.
+        config = dataclasses.replace(
+            generator or GeneratorConfig(), epochs=generator_epochs, ablation=ablation
+        )
         self.unlabeled_pool = UnlabeledPool(unlabeled_data)
         self.generators = GeneratorBank()
         self.generator_config = config

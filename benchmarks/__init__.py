@@ -1,0 +1,1 @@
+"""Benchmarks comparing Imagine with LUCIR, iCaRL and the bounds."""

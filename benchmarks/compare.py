@@ -1,0 +1,253 @@
+"""Compare Imagine, LUCIR, iCaRL and the bounds on one stream, seeds and budget.
+
+``python -m benchmarks.compare`` runs the embedded digits default (no
+download, a few minutes on two CPU cores) and prints a table;
+``--out DIR`` writes ``results.json``, ``results.md`` and ``accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.training.determinism.rng_manager import RNGManager
+from avalanche.training.plugins import EvaluationPlugin
+from tqdm.auto import tqdm
+
+from .config import METHODS, Config
+from .datasets import build_stream
+from .methods import build_method
+from .metrics import average_forgetting, average_incremental_accuracy, mean_std
+
+logger = logging.getLogger("benchmarks.compare")
+
+STREAM_KEY = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
+EXP_KEY = "Top1_Acc_Exp/eval_phase/test_stream/Task000/Exp{:03d}"
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or sampled process RSS growth."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        import psutil
+
+        self._proc = psutil.Process()
+        self._base = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss - self._base)
+            self._stop.wait(0.05)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def run_one(method: str, seed: int, cfg: Config, stream) -> dict:
+    """Train ``method`` on the stream with ``seed``; its result record."""
+    RNGManager.set_random_seeds(seed)
+    evaluator = EvaluationPlugin(
+        accuracy_metrics(experience=True, stream=True), loggers=[]
+    )
+    built = build_method(method, cfg, stream, evaluator)
+    strategy = built.strategy
+    device = torch.device(cfg.device)
+    accuracy_per_step, matrix = [], []
+    train_seconds = 0.0
+    test_stream = stream.benchmark.test_stream
+    with PeakMemory(device) as peak:
+        for t, experience in enumerate(
+            tqdm(
+                stream.benchmark.train_stream, desc=f"{method} seed {seed}", leave=False
+            )
+        ):
+            start = time.perf_counter()
+            strategy.train(experience)
+            train_seconds += time.perf_counter() - start
+            results = strategy.eval(test_stream[: t + 1])
+            accuracy_per_step.append(float(results[STREAM_KEY]))
+            matrix.append([float(results[EXP_KEY.format(j)]) for j in range(t + 1)])
+    generator_seconds = float(built.generator_seconds())
+    return {
+        "method": method,
+        "seed": seed,
+        "dataset": cfg.dataset,
+        "unlabeled": cfg.unlabeled,
+        "steps": len(accuracy_per_step),
+        "accuracy_per_step": accuracy_per_step,
+        "accuracy_matrix": matrix,
+        "avg_inc_acc": average_incremental_accuracy(accuracy_per_step),
+        "final_acc": accuracy_per_step[-1],
+        "forgetting": average_forgetting(matrix),
+        "train_seconds": train_seconds - generator_seconds,
+        "generator_seconds": generator_seconds,
+        "peak_memory_bytes": int(peak.peak),
+        "exemplar_bytes": int(built.exemplar_bytes()),
+        "generator_bytes": int(built.generator_bytes()),
+    }
+
+
+def summarize(records: list[dict], methods: list[str]) -> str:
+    """A markdown table of mean ± std over seeds, one row per method."""
+    lines = [
+        "| method | seeds | avg. inc. acc. (%) | final acc. (%) | forgetting (%) "
+        "| train s | generator s | exemplar KiB | generator KiB | peak MiB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for method in methods:
+        rows = [r for r in records if r["method"] == method]
+        if not rows:
+            continue
+
+        def cell(key, scale=100.0, digits=2, rows=rows):
+            m, s = mean_std([r[key] * scale for r in rows])
+            return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+        lines.append(
+            f"| {method} | {len(rows)} | {cell('avg_inc_acc')} | {cell('final_acc')} "
+            f"| {cell('forgetting')} | {cell('train_seconds', 1, 1)} "
+            f"| {cell('generator_seconds', 1, 1)} "
+            f"| {cell('exemplar_bytes', 1 / 1024, 0)} "
+            f"| {cell('generator_bytes', 1 / 1024, 0)} "
+            f"| {cell('peak_memory_bytes', 1 / 2**20, 0)} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(records: list[dict], methods: list[str], path: Path, title: str) -> None:
+    """Accuracy on the classes seen so far after each experience, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method in methods:
+        rows = [r for r in records if r["method"] == method]
+        if not rows:
+            continue
+        steps = range(1, rows[0]["steps"] + 1)
+        stats = [
+            mean_std([r["accuracy_per_step"][t] * 100 for r in rows])
+            for t in range(len(steps))
+        ]
+        means = [m for m, _ in stats]
+        stds = [s for _, s in stats]
+        ax.errorbar(steps, means, yerr=stds, marker="o", capsize=3, label=method)
+    ax.set_xlabel("experience")
+    ax.set_ylabel("accuracy on classes seen so far (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> tuple[Config, Path | None]:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare",
+        description="Compare continual-learning methods on one stream.",
+    )
+    p.add_argument("--config", type=Path, help="JSON config (unknown keys are errors)")
+    p.add_argument(
+        "--out", type=Path, help="write results.json/.md and accuracy.png here"
+    )
+    p.add_argument("--log-level", default="WARNING")
+    kinds = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        annotation = str(f.type).replace(" | None", "")
+        if annotation == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif annotation.startswith("list["):
+            kind = kinds[annotation[5:-1]]
+            p.add_argument(flag, nargs="+", type=kind, default=None)
+        else:
+            p.add_argument(flag, type=kinds[annotation], default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s"
+    )
+    overrides = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Config)
+        if getattr(args, f.name) is not None
+    }
+    try:
+        cfg = (
+            Config.from_file(args.config, **overrides)
+            if args.config
+            else Config(**overrides)
+        )
+    except ValueError as err:
+        p.error(str(err))
+    return cfg, args.out
+
+
+def main(argv=None) -> list[dict]:
+    cfg, out = parse_args(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    stream = build_stream(cfg)
+    methods = [m for m in METHODS if m in cfg.methods]
+    records = []
+    runs = [(seed, m) for seed in cfg.seeds for m in methods]
+    for seed, method in tqdm(runs, desc="runs"):
+        record = run_one(method, seed, cfg, stream)
+        records.append(record)
+        logger.info(
+            "%s seed %d: avg inc acc %.2f, final %.2f",
+            method,
+            seed,
+            100 * record["avg_inc_acc"],
+            100 * record["final_acc"],
+        )
+        if out is not None:  # keep what is done if a later run fails
+            _write(out, cfg, stream, records, methods, final=False)
+    table = summarize(records, methods)
+    if out is not None:
+        _write(out, cfg, stream, records, methods, final=True)
+    # The table is the command's output, for the user to read.
+    print(f"{stream.description}\n\n{table}")  # noqa: T201
+    return records
+
+
+def _write(out: Path, cfg: Config, stream, records, methods, *, final: bool) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(records, indent=1))
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if final:
+        header = (
+            f"{stream.description}\n\nSeeds {cfg.seeds}; mean ± std over seeds.\n\n"
+        )
+        (out / "results.md").write_text(header + summarize(records, methods) + "\n")
+        plot(records, methods, out / "accuracy.png", stream.description)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()

@@ -1,0 +1,317 @@
+"""Feature generators, the generator bank and the fitting of one generator."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from avalanche.models.dynamic_modules import avalanche_model_adaptation
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from avalanche_imaginer import (
+    FeatureGenerator,
+    GeneratorBank,
+    GeneratorConfig,
+    NonFiniteLossError,
+)
+from avalanche_imaginer import fitting as fitting_module
+from avalanche_imaginer.fitting import fit_generator
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on tensors this small, OpenMP threads on a busy
+    2-core machine cost far more than they save (x30 measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+CHANNELS = 16  # maps of model_builder(width=4): 16 x 2 x 2
+
+
+def small_generator(channels: int = 4, seed: int = 0, **kwargs) -> FeatureGenerator:
+    torch.manual_seed(seed)
+    return FeatureGenerator(channels, **{"hidden": 8, "n_blocks": 1, **kwargs})
+
+
+def small_config(**kwargs) -> GeneratorConfig:
+    return GeneratorConfig(**{"hidden": 8, "n_blocks": 1, "batch_size": 16, **kwargs})
+
+
+@pytest.fixture
+def fitted_model(model_builder):
+    """A tiny SplitModel whose classifier knows classes 0 and 1."""
+    model = model_builder(width=4)
+    avalanche_model_adaptation(
+        model, SimpleNamespace(classes_in_this_experience=[0, 1])
+    )
+    return model
+
+
+def random_maps(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, CHANNELS, 2, 2, generator=gen)
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "modes": [m.training for m in model.modules()],
+        "flags": [p.requires_grad for p in model.parameters()],
+    }
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["modes"] == before["modes"], "train/eval modes changed"
+    assert after["flags"] == before["flags"], "requires_grad flags changed"
+    assert after["state"].keys() == before["state"].keys()
+    for key, value in before["state"].items():
+        assert torch.equal(after["state"][key], value), f"{key} changed"
+
+
+# ----------------------------------------------------------- FeatureGenerator
+
+
+@pytest.mark.parametrize(("channels", "hidden"), [(4, 8), (4, 16), (3, 5)])
+def test_generator_output_has_the_shape_of_the_maps(channels, hidden):
+    gen = small_generator(channels, hidden=hidden)
+    content = torch.randn(3, channels, 2, 3)
+    out = gen(content, torch.randn_like(content))
+    assert out.shape == content.shape
+    # a 1x1 entry convolution only when 2C differs from the hidden width
+    assert isinstance(gen.entry, nn.Identity) == (2 * channels == hidden)
+
+
+def test_gradients_reach_every_generator_parameter():
+    gen = small_generator(4, n_blocks=2)
+    content = torch.randn(4, 4, 3, 3)
+    gen(content, torch.randn_like(content)).square().mean().backward()
+    for name, p in gen.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+
+
+def test_generator_rejects_mismatched_maps():
+    gen = small_generator(4)
+    with pytest.raises(ValueError, match="same shape"):
+        gen(torch.randn(2, 4, 2, 2), torch.randn(2, 4, 3, 3))
+    with pytest.raises(ValueError, match="4 channels"):
+        gen(torch.randn(2, 5, 2, 2), torch.randn(2, 5, 2, 2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"channels": 0}, "channels"),
+        ({"channels": 4, "hidden": 0}, "hidden"),
+        ({"channels": 4, "n_blocks": -1}, "n_blocks"),
+        ({"channels": 4.0}, "channels"),
+    ],
+)
+def test_generator_rejects_bad_sizes(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        FeatureGenerator(**kwargs)
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(
+    batch=st.integers(1, 8),
+    channels=st.integers(1, 4),
+    h=st.integers(1, 3),
+    w=st.integers(1, 3),
+    train=st.booleans(),
+)
+def test_generator_keeps_the_map_shape_for_any_batch(batch, channels, h, w, train):
+    gen = small_generator(channels).train(train and batch * h * w > 1)
+    content = torch.randn(batch, channels, h, w)
+    with torch.no_grad():
+        out = gen(content, torch.randn_like(content))
+    assert out.shape == content.shape
+    assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------- GeneratorBank
+
+
+def test_bank_is_a_mapping_of_class_ids():
+    bank = GeneratorBank()
+    first, second = small_generator(seed=1), small_generator(seed=2)
+    bank.add(7, first)
+    bank.add(3, second)
+    assert len(bank) == 2
+    assert list(bank) == [3, 7]
+    assert bank[7] is first and bank[3] is second
+    assert 3 in bank and 7 in bank
+    assert 5 not in bank and "x" not in bank and None not in bank
+    assert dict(bank.items()) == {3: second, 7: first}
+    with pytest.raises(KeyError):
+        bank[5]
+
+
+def test_bank_compares_and_hashes_by_identity():
+    a, b = GeneratorBank(), GeneratorBank()
+    assert a != b
+    assert a == a
+    assert len({a, b}) == 2
+
+
+def test_bank_generators_are_frozen_and_stay_in_eval_mode():
+    bank = GeneratorBank()
+    generator = small_generator().train()
+    bank.add(0, generator)
+    assert not generator.training
+    assert not any(p.requires_grad for p in generator.parameters())
+    bank.train()
+    assert not bank.training
+    assert not any(m.training for m in bank.modules())
+    # also when the bank sits inside a module put in training mode
+    holder = nn.Module()
+    holder.bank = bank
+    holder.train()
+    assert not any(m.training for m in bank.modules())
+
+
+def test_bank_generate_uses_each_class_generator():
+    bank = GeneratorBank()
+    for c in (2, 5):
+        bank.add(c, small_generator(seed=c))
+    labels = torch.tensor([5, 2, 5, 2, 2])
+    content = torch.randn(5, 4, 2, 2)
+    style = torch.randn(5, 4, 2, 2)
+    out = bank.generate(content, style, labels)
+    assert out.shape == content.shape
+    with torch.no_grad():
+        for c in (2, 5):
+            rows = labels == c
+            expected = bank[c](content[rows], style[rows])
+            assert torch.allclose(out[rows], expected)
+    assert not out.requires_grad
+
+
+def test_bank_generate_needs_a_generator_per_label():
+    bank = GeneratorBank()
+    bank.add(0, small_generator())
+    content = torch.randn(2, 4, 2, 2)
+    with pytest.raises(KeyError):
+        bank.generate(content, content, torch.tensor([0, 1]))
+
+
+def test_bank_nbytes_counts_parameters_and_buffers():
+    bank = GeneratorBank()
+    assert bank.nbytes() == 0
+    generators = [small_generator(seed=s) for s in range(2)]
+    for c, generator in enumerate(generators):
+        bank.add(c, generator)
+    expected = 0
+    for generator in generators:
+        for t in [*generator.parameters(), *generator.buffers()]:
+            expected += t.numel() * t.element_size()
+    # each BatchNorm holds an int64 counter besides its float statistics
+    assert any(b.dtype == torch.int64 for b in generators[0].buffers())
+    assert bank.nbytes() == expected
+
+
+# --------------------------------------------------------------- fit_generator
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_fit_generator_leaves_the_model_untouched(fitted_model, training):
+    model = fitted_model.train(training)
+    before = snapshot(model)
+    torch.manual_seed(0)
+    generator, losses = fit_generator(
+        model,
+        1,
+        random_maps(12, seed=1),
+        random_maps(4, seed=2),
+        random_maps(20, seed=3),
+        small_config(epochs=2),
+    )
+    assert_unchanged(model, before)
+    assert not generator.training
+    assert set(losses) == {"ce", "sc", "sdc", "cycle", "loss"}
+    assert losses["loss"] == pytest.approx(
+        losses["ce"] + losses["sc"] + losses["sdc"] + losses["cycle"]
+    )
+    content = random_maps(3, seed=4)
+    with torch.no_grad():
+        out = generator(content, random_maps(3, seed=5))
+    assert out.shape == content.shape
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    ("ablation", "parts"),
+    [
+        ("no_generator", {"ce"}),
+        ("sc", {"ce", "sc"}),
+        ("sc_sdc", {"ce", "sc", "sdc"}),
+        ("full", {"ce", "sc", "sdc", "cycle"}),
+    ],
+)
+def test_fit_generator_losses_follow_the_ablation(fitted_model, ablation, parts):
+    torch.manual_seed(0)
+    _, losses = fit_generator(
+        fitted_model,
+        0,
+        random_maps(8, seed=1),
+        random_maps(2, seed=2),
+        random_maps(8, seed=3),
+        small_config(epochs=1, ablation=ablation),
+    )
+    assert set(losses) == parts | {"loss"}
+
+
+def test_fit_generator_learns_to_be_classified_as_its_class(fitted_model):
+    model = fitted_model.eval()
+    real = random_maps(16, seed=1)
+    config = small_config(epochs=100, lr=0.05, ablation="no_generator")
+    torch.manual_seed(0)
+    generator, losses = fit_generator(
+        model, 1, real, real[:4], random_maps(16, seed=3), config
+    )
+    with torch.no_grad():
+        mixes = generator(real[:4].repeat(4, 1, 1, 1), random_maps(16, seed=4))
+        predicted = model.logits_of_map(mixes).argmax(dim=1)
+    assert (predicted == 1).float().mean() > 0.9, losses
+
+
+def test_fit_generator_raises_on_nan_maps(fitted_model):
+    model = fitted_model.train()
+    before = snapshot(model)
+    real = random_maps(8, seed=1)
+    real[:, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="experience 3, class 1"):
+        fit_generator(
+            model,
+            1,
+            real,
+            random_maps(4, seed=2),
+            random_maps(8, seed=3),
+            small_config(epochs=1),
+            experience=3,
+        )
+    assert_unchanged(model, before)
+
+
+def test_fit_generator_raises_when_a_loss_becomes_nan(fitted_model, monkeypatch):
+    def nan_loss(**kwargs):
+        total = kwargs["logits"].sum() * float("nan")
+        return total, {"ce": float("nan")}
+
+    monkeypatch.setattr(fitting_module, "generator_loss", nan_loss)
+    with pytest.raises(NonFiniteLossError, match="class 4"):
+        fit_generator(
+            fitted_model,
+            4,
+            random_maps(4, seed=1),
+            random_maps(2, seed=2),
+            random_maps(4, seed=3),
+            small_config(epochs=1),
+        )

@@ -1,0 +1,234 @@
+"""End-to-end behaviour of LUCIR and ImagineStrategy on the digits stream."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
+from avalanche.logging import TextLogger
+from avalanche.training import Naive
+from avalanche.training.plugins import EvaluationPlugin
+from conftest import seed_everything
+
+from avalanche_imaginer import LUCIR, FeatureGenerator, ImagineStrategy
+
+STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
+
+
+def quiet_evaluator(stream: io.StringIO | None = None) -> EvaluationPlugin:
+    loggers = [TextLogger(stream)] if stream is not None else []
+    return EvaluationPlugin(
+        accuracy_metrics(stream=True, experience=True),
+        loss_metrics(epoch=True),
+        loggers=loggers,
+    )
+
+
+def sgd(model, lr=0.05):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+def average_incremental_accuracy(strategy, benchmark) -> float:
+    """Train on every experience; mean accuracy on the classes seen so far."""
+    accs = []
+    for t, experience in enumerate(benchmark.train_stream):
+        strategy.train(experience)
+        results = strategy.eval(benchmark.test_stream[: t + 1])
+        accs.append(results[STREAM_ACC])
+    return sum(accs) / len(accs)
+
+
+def make_imagine(model, unlabeled, **kwargs) -> ImagineStrategy:
+    defaults = dict(
+        memory_size=60,
+        generator_epochs=3,
+        train_mb_size=32,
+        train_epochs=3,
+        eval_mb_size=256,
+        progress=False,
+        evaluator=quiet_evaluator(),
+    )
+    defaults.update(kwargs)
+    return ImagineStrategy(
+        model=model, optimizer=sgd(model), unlabeled_data=unlabeled, **defaults
+    )
+
+
+def test_lucir_beats_naive_by_15_points(digits_stream, model_builder):
+    seed_everything()
+    lucir_model = model_builder()
+    lucir = LUCIR(
+        model=lucir_model,
+        optimizer=sgd(lucir_model),
+        memory_size=60,
+        train_mb_size=32,
+        train_epochs=4,
+        evaluator=quiet_evaluator(),
+    )
+    lucir_acc = average_incremental_accuracy(lucir, digits_stream)
+
+    seed_everything()
+    from avalanche.models import IncrementalClassifier
+
+    probe = model_builder()
+    naive_model = model_builder(
+        classifier=IncrementalClassifier(probe.feature_size, initial_out_features=2)
+    )
+    naive = Naive(
+        model=naive_model,
+        optimizer=sgd(naive_model),
+        train_mb_size=32,
+        train_epochs=4,
+        evaluator=quiet_evaluator(),
+    )
+    naive_acc = average_incremental_accuracy(naive, digits_stream)
+    assert lucir_acc > naive_acc + 0.15, (lucir_acc, naive_acc)
+
+
+def test_lucir_runs_with_nme_and_text_logger(digits_stream, model_builder):
+    seed_everything()
+    model = model_builder()
+    log = io.StringIO()
+    strategy = LUCIR(
+        model=model,
+        optimizer=sgd(model),
+        memory_size=40,
+        train_mb_size=32,
+        train_epochs=1,
+        finetuning_epochs=1,
+        eval_classifier="nme",
+        evaluator=quiet_evaluator(log),
+    )
+    for experience in digits_stream.train_stream[:2]:
+        strategy.train(experience)
+    results = strategy.eval(digits_stream.test_stream[:2])
+    assert results[STREAM_ACC] > 0.5  # 4 classes: chance is 0.25
+    assert "Top1_Acc_Stream" in log.getvalue()
+    assert model.classifier.out_features == 4
+
+
+def test_imagine_end_to_end(digits_stream, model_builder, unlabeled_patches):
+    seed_everything()
+    model = model_builder()
+    strategy = make_imagine(model, unlabeled_patches)
+    counts, exemplar_rows = [], []
+
+    def record(strategy, **kwargs):
+        old = torch.tensor(
+            [c for c in strategy.generators], device=strategy.mb_y.device
+        )
+        exemplar_rows.append(int(torch.isin(strategy.mb_y, old).sum()))
+        counts.append(strategy.replay.last_count)
+
+    accs = []
+    seen = []
+    snapshots = {}
+    for t, experience in enumerate(digits_stream.train_stream):
+        strategy.replay.after_backward = record
+        strategy.train(experience)
+        seen += experience.classes_in_this_experience
+        # A generator for every class seen so far, none inside the model.
+        assert sorted(strategy.generators) == sorted(seen)
+        generator_params = {
+            id(p) for g in strategy.generators.values() for p in g.parameters()
+        }
+        assert not generator_params & {id(p) for p in strategy.model.parameters()}
+        assert not any(
+            isinstance(m, FeatureGenerator) for m in strategy.model.modules()
+        )
+        # Generators fitted earlier are unchanged by later experiences.
+        for c, state in snapshots.items():
+            now = strategy.generators[c].state_dict()
+            assert all(torch.equal(state[k], now[k]) for k in state)
+        for c in experience.classes_in_this_experience:
+            snapshots[c] = {
+                k: v.clone() for k, v in strategy.generators[c].state_dict().items()
+            }
+        results = strategy.eval(digits_stream.test_stream[: t + 1])
+        accs.append(results[STREAM_ACC])
+
+    # Every batch got n_generated counterparts per exemplar, and some had them.
+    assert counts == [2 * e for e in exemplar_rows]
+    assert sum(counts) > 0
+    # Far above chance on all ten classes (chance: 0.10).
+    assert accs[-1] > 0.45, accs
+    assert sum(accs) / len(accs) > 0.6, accs
+
+
+def test_fitting_leaves_model_unchanged(
+    digits_stream, model_builder, unlabeled_patches
+):
+    seed_everything()
+    model = model_builder()
+    strategy = make_imagine(model, unlabeled_patches, generator_epochs=2)
+    captured = {}
+
+    class Capture:
+        """Records the model right before and after the fitting plugin runs."""
+
+        def __init__(self, key):
+            self.key = key
+
+        def __call__(self, strategy, **kwargs):
+            captured[self.key] = (
+                {k: v.clone() for k, v in strategy.model.state_dict().items()},
+                strategy.model.training,
+            )
+
+    fitting = strategy.fitting
+    original = fitting.after_training_exp
+
+    def wrapped(strategy, **kwargs):
+        Capture("before")(strategy)
+        original(strategy, **kwargs)
+        Capture("after")(strategy)
+
+    fitting.after_training_exp = wrapped
+    strategy.train(digits_stream.train_stream[0])
+    (before, mode_before), (after, mode_after) = captured["before"], captured["after"]
+    assert len(strategy.generators) == 2
+    assert mode_before == mode_after
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+def test_no_generator_ablation_generates_nothing(
+    digits_stream, model_builder, unlabeled_patches
+):
+    seed_everything()
+    model = model_builder()
+    strategy = make_imagine(
+        model, unlabeled_patches, ablation="no_generator", train_epochs=1
+    )
+    counts = []
+    strategy.replay.after_backward = lambda s, **kw: counts.append(s.replay.last_count)
+    for experience in digits_stream.train_stream[:2]:
+        strategy.train(experience)
+    assert len(strategy.generators) == 0
+    assert counts and not any(counts)
+
+
+@pytest.mark.parametrize("ablation", ["sc", "sc_sdc"])
+def test_generator_ablations_run(
+    ablation, digits_stream, model_builder, unlabeled_patches
+):
+    seed_everything()
+    model = model_builder()
+    strategy = make_imagine(
+        model,
+        unlabeled_patches,
+        ablation=ablation,
+        train_epochs=1,
+        generator_epochs=1,
+    )
+    for experience in digits_stream.train_stream[:2]:
+        strategy.train(experience)
+    assert sorted(strategy.generators) == sorted(
+        digits_stream.train_stream[0].classes_in_this_experience
+        + digits_stream.train_stream[1].classes_in_this_experience
+    )
+    parts = strategy.fitting.fit_losses
+    assert all(torch.isfinite(torch.tensor(v["loss"])) for v in parts.values())
