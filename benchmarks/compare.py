@@ -240,12 +240,53 @@ def _write(out: Path, cfg: Config, stream, records, methods, *, final: bool) -> 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(records, indent=1))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    (out / "environment.json").write_text(json.dumps(_environment(), indent=1))
     if final:
         header = (
             f"{stream.description}\n\nSeeds {cfg.seeds}; mean ± std over seeds.\n\n"
         )
         (out / "results.md").write_text(header + summarize(records, methods) + "\n")
         plot(records, methods, out / "accuracy.png", stream.description)
+
+
+def _environment() -> dict:
+    """What produced the results: code version, libraries, machine."""
+    import platform
+    import subprocess
+    import sys
+
+    import avalanche
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {
+        "command": " ".join(["python -m benchmarks.compare", *sys.argv[1:]]),
+        "commit": commit,
+        "uncommitted_changes": dirty,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "avalanche": getattr(avalanche, "__version__", None),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 if __name__ == "__main__":

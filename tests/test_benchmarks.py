@@ -1,0 +1,156 @@
+"""The comparison command: metrics, strict configs and a smoke run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.compare import main
+from benchmarks.config import METHODS, Config
+from benchmarks.metrics import average_forgetting, average_incremental_accuracy
+
+# ---------------------------------------------------------------------- metrics
+
+
+def test_average_incremental_accuracy_includes_the_first_experience():
+    assert average_incremental_accuracy([0.9, 0.6, 0.3]) == pytest.approx(0.6)
+    with pytest.raises(ValueError, match="empty"):
+        average_incremental_accuracy([])
+
+
+def test_average_forgetting_of_a_hand_made_matrix():
+    # matrix[t][j]: accuracy on experience j after training on experience t.
+    matrix = [
+        [0.9],
+        [0.7, 0.8],
+        [0.5, 0.6, 0.95],
+    ]
+    # exp 0: best before the last 0.9, final 0.5 -> 0.4
+    # exp 1: best before the last 0.8, final 0.6 -> 0.2
+    assert average_forgetting(matrix) == pytest.approx(0.3)
+
+
+def test_average_forgetting_counts_gains_as_negative():
+    assert average_forgetting([[0.5], [0.7, 0.9]]) == pytest.approx(-0.2)
+    assert average_forgetting([[0.8]]) == 0.0
+
+
+def test_average_forgetting_rejects_a_short_row():
+    with pytest.raises(ValueError, match="row 1"):
+        average_forgetting([[0.5], [0.7]])
+
+
+# ----------------------------------------------------------------------- config
+
+
+def test_config_file_with_an_unknown_key_is_an_error(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"dataset": "digits", "epoch": 3}))
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['epoch'\]"):
+        Config.from_file(path)
+
+
+def test_config_file_values_and_overrides(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"epochs": 3, "seeds": [4, 5], "_comment": "x"}))
+    cfg = Config.from_file(path, epochs=2)
+    assert cfg.epochs == 2 and cfg.seeds == [4, 5]
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"dataset": "mnist"}, "dataset must be one of"),
+        ({"dataset": "cifar10"}, "needs data_root"),
+        ({"methods": ["lucir", "podnet"]}, "methods must be among"),
+        ({"unlabeled": "patches"}, "needs unlabeled_path"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"seeds": []}, "at least one seed"),
+    ],
+)
+def test_config_rejects_bad_values(fields, message):
+    with pytest.raises(ValueError, match=message):
+        Config(**fields)
+
+
+def test_shipped_configs_are_valid():
+    from importlib.resources import files
+
+    configs = sorted(files("benchmarks").joinpath("configs").iterdir())
+    assert configs, "benchmarks/configs holds no config"
+    for path in configs:
+        data = json.loads(path.read_text())
+        data.pop("_comment", None)
+        # Paths are the user's: any non-empty value passes validation.
+        Config.from_dict(data, source=path.name)
+
+
+# -------------------------------------------------------------------- smoke run
+
+
+def test_compare_smoke_run_writes_every_result(tmp_path, capsys):
+    out = tmp_path / "out"
+    records = main(
+        [
+            "--steps",
+            "2",
+            "--epochs",
+            "1",
+            "--generator-epochs",
+            "1",
+            "--memory-size",
+            "20",
+            "--width",
+            "4",
+            "--seeds",
+            "0",
+            "--methods",
+            "naive",
+            "lucir",
+            "imagine",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert [r["method"] for r in records] == ["naive", "lucir", "imagine"]
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == records
+    required = {
+        "method",
+        "seed",
+        "dataset",
+        "steps",
+        "accuracy_per_step",
+        "avg_inc_acc",
+        "final_acc",
+        "forgetting",
+        "train_seconds",
+        "generator_seconds",
+        "exemplar_bytes",
+        "generator_bytes",
+    }
+    for record in saved:
+        assert required <= record.keys()
+        assert record["steps"] == 2 and len(record["accuracy_per_step"]) == 2
+        assert 0.0 <= record["final_acc"] <= 1.0
+    by_method = {r["method"]: r for r in saved}
+    assert by_method["naive"]["exemplar_bytes"] == 0
+    assert by_method["lucir"]["exemplar_bytes"] == 20 * 8 * 8 * 4  # float32 8x8
+    assert by_method["imagine"]["generator_bytes"] > 0
+    assert by_method["imagine"]["generator_seconds"] > 0
+    assert by_method["lucir"]["generator_bytes"] == 0
+    table = (out / "results.md").read_text()
+    for method in ("naive", "lucir", "imagine"):
+        assert f"| {method} | 1 |" in table
+    assert (out / "accuracy.png").stat().st_size > 0
+    assert "| imagine | 1 |" in capsys.readouterr().out
+
+
+def test_every_method_is_known_to_the_builder():
+    from benchmarks.methods import IMAGINE_ABLATIONS
+
+    builtin = {"naive", "replay", "icarl", "lucir", "joint"}
+    assert set(METHODS) == builtin | set(IMAGINE_ABLATIONS)
