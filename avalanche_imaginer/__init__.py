@@ -1,5 +1,6 @@
 """Learning to Imagine (Tang, Peng, Zheng, CVPR 2022) for Avalanche, with LUCIR."""
 
+from .checkpoint import register_optimizer_pickling
 from .fitting import ABLATIONS, GeneratorConfig, NonFiniteLossError
 from .generator import FeatureGenerator, GeneratorBank
 from .memory import ExemplarMemory, herding_order
@@ -31,3 +32,7 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Avalanche's save_checkpoint fails on torch optimizers without this (see
+# checkpoint.py).
+register_optimizer_pickling()

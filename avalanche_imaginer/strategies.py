@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -163,7 +164,22 @@ class CosineIncrementalTemplate(SupervisedTemplate):
 
     def _before_training_exp(self, **kwargs):
         _check_experience(self.experience)
+        self._warn_if_memory_too_small()
         super()._before_training_exp(**kwargs)
+
+    def _warn_if_memory_too_small(self) -> None:
+        """Say before training, not after it, that new classes get no exemplar."""
+        classes = set(self.memory.classes) | {
+            int(c) for c in self.experience.classes_in_this_experience
+        }
+        if self.memory.quota(len(classes)) == 0:
+            warnings.warn(
+                f"memory_size={self.memory.memory_size} is too small to keep one "
+                f"exemplar for each of the {len(classes)} classes seen after "
+                f"experience {self.experience.current_experience}: classes will "
+                "have no exemplar, and no generator is fitted for them",
+                stacklevel=3,
+            )
 
     def _after_training_exp(self, **kwargs):
         super()._after_training_exp(**kwargs)
