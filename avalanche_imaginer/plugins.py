@@ -17,10 +17,12 @@ import time
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
+from avalanche.evaluation.metric_results import MetricValue
 from tqdm.auto import tqdm
 
 from ._utils import compute_features, frozen
 from .data import UnlabeledPool, mine_unlabeled
+from .diagnostics import GeneratorDiagnostics, generator_diagnostics
 from .fitting import GeneratorConfig, fit_generator
 from .generator import GeneratorBank
 from .losses import less_forget_loss, less_forget_weight, margin_ranking_loss
@@ -34,6 +36,7 @@ __all__ = [
     "ClassBalancedFinetuningPlugin",
     "GeneratorFittingPlugin",
     "ImaginedReplayPlugin",
+    "GeneratorDiagnosticsPlugin",
     "BN_MODES",
 ]
 
@@ -399,6 +402,120 @@ class ImaginedReplayPlugin(SupervisedPlugin):
             logits = model.logits_of_map(generated)
         strategy.loss += self.weight * F.cross_entropy(logits, labels)
         self.last_count = len(labels)
+
+
+class GeneratorDiagnosticsPlugin(SupervisedPlugin):
+    """Measures every fitted generator after each training experience.
+
+    For each class with a generator: the mean and standard deviation of
+    generated vs real maps, the share of counterparts that the current network
+    classifies as the class, the cosine of their pooled features to the real
+    class mean, and how far the exemplars' maps have drifted since the
+    generator was fitted (see :mod:`avalanche_imaginer.diagnostics`). Runs
+    after the generators of the experience are fitted; results are kept in
+    ``records``, logged, and published to the strategy's loggers as
+    ``Generator_<statistic>/train_phase/Class<id>`` (and ``.../mean``).
+
+    :param counterparts_per_exemplar: counterparts generated per exemplar.
+    """
+
+    PUBLISHED = ("std_ratio", "classified", "cosine_to_class_mean", "drift")
+
+    def __init__(self, *, counterparts_per_exemplar: int = 4):
+        super().__init__()
+        self.counterparts_per_exemplar = counterparts_per_exemplar
+        self.records: list[GeneratorDiagnostics] = []
+        # class id -> pooled exemplar maps (N, C) when its generator was fitted
+        self._reference: dict[int, torch.Tensor] = {}
+        self._fitted_in: dict[int, int] = {}
+
+    def after_training_exp(self, strategy, **kwargs):
+        if len(strategy.generators) == 0:
+            return
+        # Its own random draws: measuring must not change the run it measures.
+        with torch.random.fork_rng(devices=[]):
+            results = self._measure(strategy)
+        self.records.extend(results)
+        self._publish(strategy, results)
+
+    def _measure(self, strategy) -> list[GeneratorDiagnostics]:
+        bank: GeneratorBank = strategy.generators
+        model, device, batch = strategy.model, strategy.device, strategy.eval_mb_size
+        exp_id = strategy.experience.current_experience
+        dataset = strategy.experience.dataset.eval()
+        by_class = dataset.targets.val_to_idx
+        now = []
+        for c in bank:
+            if (
+                c not in strategy.memory.classes
+                or len(strategy.memory.exemplars_of(c)) == 0
+            ):
+                continue
+            content = compute_features(
+                model,
+                strategy.memory.exemplars_of(c).eval(),
+                batch_size=batch,
+                device=device,
+                maps=True,
+            )  # (N, C, H, W)
+            if c not in self._reference:  # fitted at the end of this experience
+                self._reference[c] = content.mean(dim=(2, 3)).cpu()  # (N, C)
+                self._fitted_in[c] = exp_id
+                real = compute_features(
+                    model,
+                    dataset.subset(list(by_class[c])),
+                    batch_size=batch,
+                    device=device,
+                    maps=True,
+                )
+            else:  # the class's data is gone: its exemplars are the real maps
+                real = content
+            # tiled, not interleaved: the first rows stay the exemplars in order,
+            # aligned with the reference for the drift
+            content = content.repeat(self.counterparts_per_exemplar, 1, 1, 1)
+            with torch.no_grad(), frozen(model):
+                style = model.feature_map(
+                    strategy.unlabeled_pool.sample(len(content), device)
+                )
+            result = generator_diagnostics(
+                model,
+                bank[c],
+                c,
+                content=content,
+                style=style,
+                real=real,
+                experience=exp_id,
+                fitted_in=self._fitted_in[c],
+                reference=self._reference[c],
+            )
+            now.append(result)
+            logger.info(
+                "generator of class %d after experience %d: std %.3f vs real %.3f, "
+                "%.0f%% classified as its class, cosine to class mean %.3f, "
+                "drift %.4f",
+                c,
+                exp_id,
+                result.generated_std,
+                result.real_std,
+                100 * result.classified,
+                result.cosine_to_class_mean,
+                result.drift,
+            )
+        return now
+
+    def _publish(self, strategy, results: list[GeneratorDiagnostics]) -> None:
+        evaluator = getattr(strategy, "evaluator", None)
+        if evaluator is None or not results:
+            return
+        x = strategy.clock.train_iterations
+        for key in self.PUBLISHED:
+            values = [getattr(r, key) for r in results]
+            for r, value in zip(results, values):
+                name = f"Generator_{key}/train_phase/Class{r.class_id:03d}"
+                evaluator.publish_metric_value(MetricValue(self, name, value, x))
+            mean = sum(values) / len(values)
+            name = f"Generator_{key}/train_phase/mean"
+            evaluator.publish_metric_value(MetricValue(self, name, mean, x))
 
 
 class _bn_eval:

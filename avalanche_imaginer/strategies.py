@@ -25,6 +25,7 @@ from .plugins import (
     BN_MODES,
     ClassBalancedFinetuningPlugin,
     ExemplarMemoryPlugin,
+    GeneratorDiagnosticsPlugin,
     GeneratorFittingPlugin,
     ImaginedReplayPlugin,
     LessForgetPlugin,
@@ -334,6 +335,9 @@ class ImagineStrategy(CosineIncrementalTemplate):
         lower part they were fitted on).
     :param eval_classifier: ``"cnn"`` (cosine head) or ``"nme"``.
     :param progress: progress bars while fitting generators.
+    :param diagnostics: measure every generator after each experience
+        (:class:`~avalanche_imaginer.plugins.GeneratorDiagnosticsPlugin`;
+        results in ``strategy.diagnostics.records`` and the loggers).
     """
 
     def __init__(
@@ -356,6 +360,7 @@ class ImagineStrategy(CosineIncrementalTemplate):
         lower_lr_factor: float = 0.1,
         eval_classifier: str = "cnn",
         progress: bool = True,
+        diagnostics: bool = True,
         train_mb_size: int = 128,
         train_epochs: int = 1,
         eval_mb_size: int | None = 256,
@@ -401,6 +406,11 @@ class ImagineStrategy(CosineIncrementalTemplate):
             weight=replay_weight,
             bn_mode=generated_bn,
         )
+        own = [self.fitting, self.replay]
+        self.diagnostics: GeneratorDiagnosticsPlugin | None = None
+        if diagnostics:
+            self.diagnostics = GeneratorDiagnosticsPlugin()
+            own.append(self.diagnostics)
         super().__init__(
             model=model,
             optimizer=optimizer,
@@ -410,7 +420,7 @@ class ImagineStrategy(CosineIncrementalTemplate):
             lambda_base=lambda_base,
             lower_lr_factor=lower_lr_factor,
             eval_classifier=eval_classifier,
-            own_plugins=[self.fitting, self.replay],
+            own_plugins=own,
             train_mb_size=train_mb_size,
             train_epochs=train_epochs,
             eval_mb_size=eval_mb_size,

@@ -107,6 +107,7 @@ def run_one(method: str, seed: int, cfg: Config, stream) -> dict:
         "peak_memory_bytes": int(peak.peak),
         "exemplar_bytes": int(built.exemplar_bytes()),
         "generator_bytes": int(built.generator_bytes()),
+        "diagnostics": built.diagnostics(),
     }
 
 
@@ -135,6 +136,93 @@ def summarize(records: list[dict], methods: list[str]) -> str:
             f"| {cell('peak_memory_bytes', 1 / 2**20, 0)} |"
         )
     return "\n".join(lines)
+
+
+DIAGNOSTICS = (
+    ("classified", "classified as their class (%)", 100.0),
+    ("std_ratio", "std generated / std real", 1.0),
+    ("cosine_to_class_mean", "cosine to the real class mean", 1.0),
+    ("drift", "exemplar map drift (1 - cos)", 1.0),
+)
+
+
+def _diagnostics_by(records: list[dict], method: str, pick) -> list[dict]:
+    """Per seed, the mean over classes of each statistic of the picked rows."""
+    out = []
+    for r in records:
+        if r["method"] != method:
+            continue
+        rows = [d for d in r.get("diagnostics", []) if pick(d, r)]
+        if rows:
+            out.append(
+                {k: sum(d[k] for d in rows) / len(rows) for k, _, _ in DIAGNOSTICS}
+            )
+    return out
+
+
+def summarize_diagnostics(records: list[dict], methods: list[str]) -> str:
+    """Generator diagnostics at fitting and after the last experience."""
+    header = " | ".join(label for _, label, _ in DIAGNOSTICS)
+    lines = [
+        f"| method | measured | {header} |",
+        "| --- | --- |" + " --- |" * len(DIAGNOSTICS),
+    ]
+    picks = {
+        "when fitted": lambda d, r: d["experience"] == d["fitted_in"],
+        "after the last experience": lambda d, r: (
+            d["experience"] == r["steps"] - 1 and d["fitted_in"] < d["experience"]
+        ),
+    }
+    for method in methods:
+        for when, pick in picks.items():
+            per_seed = _diagnostics_by(records, method, pick)
+            if not per_seed:
+                continue
+            cells = []
+            for key, _, scale in DIAGNOSTICS:
+                m, sd = mean_std([p[key] * scale for p in per_seed])
+                cells.append(f"{m:.3g} ± {sd:.2g}")
+            lines.append(f"| {method} | {when} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def plot_diagnostics(records: list[dict], methods: list[str], path: Path) -> None:
+    """Each statistic against the experiences since fitting, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(8, 6))
+    for method in methods:
+        steps = max((r["steps"] for r in records if r["method"] == method), default=0)
+        ages = []
+        stats = {k: [] for k, _, _ in DIAGNOSTICS}
+        for age in range(steps):
+            per_seed = _diagnostics_by(
+                records,
+                method,
+                lambda d, r, age=age: d["experience"] - d["fitted_in"] == age,
+            )
+            if not per_seed:
+                continue
+            ages.append(age)
+            for key, _, scale in DIAGNOSTICS:
+                stats[key].append(mean_std([p[key] * scale for p in per_seed]))
+        if not ages:
+            continue
+        for ax, (key, label, _) in zip(axes.flat, DIAGNOSTICS):
+            means = [m for m, _ in stats[key]]
+            stds = [sd for _, sd in stats[key]]
+            ax.errorbar(ages, means, yerr=stds, marker="o", capsize=3, label=method)
+            ax.set_xlabel("experiences since the generator was fitted")
+            ax.set_ylabel(label, fontsize=8)
+            ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("generator diagnostics: mean over classes, ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot(records: list[dict], methods: list[str], path: Path, title: str) -> None:
@@ -245,7 +333,13 @@ def _write(out: Path, cfg: Config, stream, records, methods, *, final: bool) -> 
         header = (
             f"{stream.description}\n\nSeeds {cfg.seeds}; mean ± std over seeds.\n\n"
         )
-        (out / "results.md").write_text(header + summarize(records, methods) + "\n")
+        text = header + summarize(records, methods) + "\n"
+        diagnostics = summarize_diagnostics(records, methods)
+        if diagnostics:
+            text += "\nGenerator diagnostics (mean over classes; ± std over seeds):\n\n"
+            text += diagnostics + "\n"
+            plot_diagnostics(records, methods, out / "diagnostics.png")
+        (out / "results.md").write_text(text)
         plot(records, methods, out / "accuracy.png", stream.description)
 
 

@@ -44,6 +44,7 @@ class Built:
     exemplar_bytes: callable = field(default=lambda: 0)
     generator_bytes: callable = field(default=lambda: 0)
     generator_seconds: callable = field(default=lambda: 0.0)
+    diagnostics: callable = field(default=lambda: [])
 
 
 def _sample_bytes(stream) -> int:
@@ -151,5 +152,6 @@ def build_method(method: str, cfg: Config, stream, evaluator) -> Built:
             exemplar_bytes=strategy.memory.nbytes,
             generator_bytes=strategy.generators.nbytes,
             generator_seconds=lambda: sum(strategy.fitting.fit_seconds.values()),
+            diagnostics=lambda: [r.as_dict() for r in strategy.diagnostics.records],
         )
     raise ValueError(f"unknown method {method!r}")

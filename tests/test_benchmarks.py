@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from benchmarks.compare import main
 from benchmarks.config import METHODS, Config
@@ -146,6 +147,15 @@ def test_compare_smoke_run_writes_every_result(tmp_path, capsys):
     for method in ("naive", "lucir", "imagine"):
         assert f"| {method} | 1 |" in table
     assert (out / "accuracy.png").stat().st_size > 0
+    # generator diagnostics: 5 classes after experience 0, 10 after experience 1
+    diagnostics = by_method["imagine"]["diagnostics"]
+    assert [d["experience"] for d in diagnostics] == [0] * 5 + [1] * 10
+    assert by_method["lucir"]["diagnostics"] == []
+    assert "| imagine | when fitted |" in table
+    assert "| imagine | after the last experience |" in table
+    assert (out / "diagnostics.png").stat().st_size > 0
+    environment = json.loads((out / "environment.json").read_text())
+    assert environment["torch"] == torch.__version__
     assert "| imagine | 1 |" in capsys.readouterr().out
 
 
