@@ -1,8 +1,13 @@
 """Learning to Imagine (Tang, Peng, Zheng, CVPR 2022) for Avalanche, with LUCIR."""
 
 from .checkpoint import register_optimizer_pickling
-from .fitting import ABLATIONS, GeneratorConfig, NonFiniteLossError
-from .generator import FeatureGenerator, GeneratorBank
+from .fitting import ABLATIONS, DESIGNS, GeneratorConfig, NonFiniteLossError
+from .generator import (
+    CompactGeneratorBank,
+    ConditionalGenerator,
+    FeatureGenerator,
+    GeneratorBank,
+)
 from .memory import ExemplarMemory, herding_order
 from .models import (
     CosineClassifier,
@@ -15,6 +20,9 @@ from .strategies import EVAL_CLASSIFIERS, LUCIR, ImagineStrategy
 
 __all__ = [
     "ABLATIONS",
+    "DESIGNS",
+    "CompactGeneratorBank",
+    "ConditionalGenerator",
     "EVAL_CLASSIFIERS",
     "CosineClassifier",
     "ExemplarMemory",

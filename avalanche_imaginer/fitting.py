@@ -6,17 +6,29 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._utils import frozen
-from .generator import FeatureGenerator
+from .generator import ConditionalGenerator, FeatureGenerator
 from .losses import SEMANTIC_MODES, generator_loss
 from .models import SplitModel
 
-__all__ = ["GeneratorConfig", "ABLATIONS", "fit_generator", "NonFiniteLossError"]
+__all__ = [
+    "ABLATIONS",
+    "DESIGNS",
+    "ClassMaps",
+    "GeneratorConfig",
+    "NonFiniteLossError",
+    "fit_compact",
+    "fit_generator",
+]
 
 #: The paper's ablations of the generator's losses (Table 4).
 ABLATIONS = ("no_generator", "sc", "sc_sdc", "full")
+
+#: Generator designs: one generator per class (paper), or one shared trunk
+#: with a small code per class (``"compact"``, this package's option).
+DESIGNS = ("per_class", "compact")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,8 +40,8 @@ class GeneratorConfig:
     """How generators are built and fitted.
 
     Defaults follow the paper and the authors' CIFAR config, except the
-    learning rate and clipping: the paper's raw losses diverge at 0.1
-    (../METHOD.md, "Pitfalls").
+    learning rate and clipping: the paper's raw losses (raw GAP and Gram)
+    can diverge to NaN at 0.1.
     """
 
     hidden: int = 128  # channels of the residual blocks
@@ -45,6 +57,7 @@ class GeneratorConfig:
     semantic: str = "gap"  # "gap" (paper) or "pooled" (authors' code)
     gram_normalized: bool = False  # channel-normalised Gram (authors' code)
     ablation: str = "full"  # one of ABLATIONS
+    design: str = "per_class"  # one of DESIGNS
 
     def __post_init__(self):
         for name in ("hidden", "n_blocks", "batch_size"):
@@ -70,6 +83,8 @@ class GeneratorConfig:
             raise ValueError(
                 f"semantic must be one of {SEMANTIC_MODES}, got {self.semantic!r}"
             )
+        if self.design not in DESIGNS:
+            raise ValueError(f"design must be one of {DESIGNS}, got {self.design!r}")
         if self.ablation not in ABLATIONS:
             raise ValueError(
                 f"ablation must be one of {ABLATIONS}, got {self.ablation!r}"
@@ -79,6 +94,104 @@ class GeneratorConfig:
     def milestones(self) -> list[int]:
         """Steps of the x0.1 decays: epochs 20, 30, 35 of 40, scaled."""
         return sorted({max(1, round(self.epochs * f)) for f in (0.5, 0.75, 0.875)})
+
+
+@dataclass
+class ClassMaps:
+    """The maps one class's generator is fitted on.
+
+    :param real: ``(N, C, H, W)`` maps of the class's training samples.
+    :param exemplars: ``(M, C, H, W)`` maps of its exemplars.
+    :param unlabeled: ``(U, C, H, W)`` maps of unlabeled inputs.
+    """
+
+    real: Tensor
+    exemplars: Tensor
+    unlabeled: Tensor
+
+    def sample(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``n`` random (real, exemplar, unlabeled) triplets, drawn with replacement."""
+        device = self.real.device
+        real = self.real[torch.randint(len(self.real), (n,), device=device)]
+        exemplar = self.exemplars[
+            torch.randint(len(self.exemplars), (n,), device=device)
+        ]
+        unlabeled = self.unlabeled[
+            torch.randint(len(self.unlabeled), (n,), device=device)
+        ]
+        return real, exemplar, unlabeled
+
+    def pairs(self, n: int) -> tuple[Tensor, Tensor]:
+        """``n`` random (exemplar, unlabeled) pairs, as replay makes them."""
+        device = self.exemplars.device
+        content = torch.randint(len(self.exemplars), (n,), device=device)
+        style = torch.randint(len(self.unlabeled), (n,), device=device)
+        return self.exemplars[content], self.unlabeled[style]
+
+
+def _class_loss(model, generate, class_id, triplet, config):
+    """``L_G`` of one class on a triplet batch; ``generate(content, style)``."""
+    real, exemplar, unlabeled = triplet
+    use_cycle = config.ablation == "full"
+    mix = generate(exemplar, unlabeled)  # (B, C, H, W)
+    cycle = generate(mix, exemplar) if use_cycle else None
+    # another mix of the class: the same batch shifted by one
+    other_mix = mix.roll(1, dims=0) if use_cycle else None
+    return generator_loss(
+        logits=model.logits_of_map(mix),
+        target=class_id,
+        mix=mix,
+        real=real,
+        unlabeled=unlabeled,
+        exemplar=exemplar,
+        cycle=cycle,
+        other_mix=other_mix,
+        lam=config.lam,
+        lam_cyc=config.lam_cyc,
+        semantic=config.semantic,
+        gram_normalized=config.gram_normalized,
+        use_sc=config.ablation in ("sc", "sc_sdc", "full"),
+        use_sdc=config.ablation in ("sc_sdc", "full"),
+    )
+
+
+def _optimize(params, config: GeneratorConfig, steps_per_epoch: int, step, describe):
+    """SGD with the config's schedule, clipping and NaN guard over ``step()``.
+
+    ``step()`` returns ``(loss, parts)``; ``describe()`` names what is fitted,
+    for the error raised on a non-finite loss.
+    """
+    params = list(params)
+    optimizer = torch.optim.SGD(
+        params,
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, [m * steps_per_epoch for m in config.milestones], gamma=0.1
+    )
+    last: dict[str, float] = {}
+    for _ in range(config.epochs * steps_per_epoch):
+        loss, last = step()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"generator loss became {float(loss)} while fitting {describe()} "
+                f"(parts: {last}); lower the generator learning rate or enable "
+                "clip_norm"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
+        optimizer.step()
+        scheduler.step()
+    return last
+
+
+def _where(experience: int | None, class_id: int) -> str:
+    where = f"experience {experience}, " if experience is not None else ""
+    return f"{where}class {class_id}"
 
 
 def fit_generator(
@@ -102,93 +215,126 @@ def fit_generator(
     :return: the fitted generator (eval mode) and its last losses.
     :raises NonFiniteLossError: when a loss becomes NaN or infinite.
     """
-    device = real_maps.device
+    maps = ClassMaps(real_maps, exemplar_maps, unlabeled_maps)
     generator = FeatureGenerator(
         real_maps.shape[1], hidden=config.hidden, n_blocks=config.n_blocks
-    ).to(device)
-    optimizer = torch.optim.SGD(
-        generator.parameters(),
-        lr=config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-    )
+    ).to(real_maps.device)
     steps_per_epoch = max(1, math.ceil(len(real_maps) / config.batch_size))
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, [m * steps_per_epoch for m in config.milestones], gamma=0.1
-    )
-    use_sc = config.ablation in ("sc", "sc_sdc", "full")
-    use_sdc = config.ablation in ("sc_sdc", "full")
-    use_cycle = config.ablation == "full"
-    last: dict[str, float] = {}
-    b = config.batch_size
+
+    def step():
+        triplet = maps.sample(config.batch_size)
+        return _class_loss(model, generator, class_id, triplet, config)
+
     with frozen(model):
         generator.train()
-        for _ in range(config.epochs * steps_per_epoch):
-            real = real_maps[torch.randint(len(real_maps), (b,), device=device)]
-            exemplar = exemplar_maps[
-                torch.randint(len(exemplar_maps), (b,), device=device)
-            ]
-            unlabeled = unlabeled_maps[
-                torch.randint(len(unlabeled_maps), (b,), device=device)
-            ]
-            mix = generator(exemplar, unlabeled)  # (B, C, H, W)
-            cycle = generator(mix, exemplar) if use_cycle else None
-            # another mix of the class: the same batch shifted by one
-            other_mix = mix.roll(1, dims=0) if use_cycle else None
-            loss, last = generator_loss(
-                logits=model.logits_of_map(mix),
-                target=class_id,
-                mix=mix,
-                real=real,
-                unlabeled=unlabeled,
-                exemplar=exemplar,
-                cycle=cycle,
-                other_mix=other_mix,
-                lam=config.lam,
-                lam_cyc=config.lam_cyc,
-                semantic=config.semantic,
-                gram_normalized=config.gram_normalized,
-                use_sc=use_sc,
-                use_sdc=use_sdc,
-            )
-            if not torch.isfinite(loss):
-                where = f"experience {experience}, " if experience is not None else ""
-                raise NonFiniteLossError(
-                    f"generator loss became {float(loss)} while fitting the generator "
-                    f"of {where}class {class_id} (parts: {last}); lower the "
-                    "generator learning rate or enable clip_norm"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_norm is not None:
-                torch.nn.utils.clip_grad_norm_(generator.parameters(), config.clip_norm)
-            optimizer.step()
-            scheduler.step()
-    _recalibrate_batchnorm(generator, exemplar_maps, unlabeled_maps, b)
+        last = _optimize(
+            generator.parameters(),
+            config,
+            steps_per_epoch,
+            step,
+            lambda: f"the generator of {_where(experience, class_id)}",
+        )
+    _recalibrate_batchnorm(
+        generator, lambda n: generator(*maps.pairs(n)), config.batch_size
+    )
     last["loss"] = sum(last.values())
     return generator, last
 
 
+def fit_compact(
+    model: SplitModel,
+    generator: ConditionalGenerator,
+    maps: dict[int, ClassMaps],
+    config: GeneratorConfig,
+    *,
+    train_trunk: bool,
+    experience: int | None = None,
+) -> dict[int, dict[str, float]]:
+    """Fit the class codes of ``maps``' classes (and the trunk) of ``generator``.
+
+    Every step draws a batch for each class; the loss is the mean of the
+    classes' ``L_G``. With ``train_trunk`` (the first experience) the shared
+    trunk is fitted with the codes, then frozen for good; later experiences fit
+    only their new classes' codes, the trunk in eval mode.
+
+    :param generator: the shared generator, with a code for each class of
+        ``maps`` already added. Changed in place.
+    :return: the last losses of each class.
+    :raises NonFiniteLossError: when a loss becomes NaN or infinite.
+    """
+    classes = sorted(maps)
+    per_class = max(1, config.batch_size // len(classes))
+    steps_per_epoch = max(
+        1, math.ceil(max(len(m.real) for m in maps.values()) / per_class)
+    )
+    params = [generator.code(c) for c in classes]
+    if train_trunk:
+        params += list(generator.trunk_parameters())
+    last: dict[int, dict[str, float]] = {}
+    current = {"class": classes[0]}
+
+    def step():
+        total = 0.0
+        for c in classes:
+            current["class"] = c
+            loss, last[c] = _class_loss(
+                model,
+                lambda content, style, c=c: generator(content, style, c),
+                c,
+                maps[c].sample(per_class),
+                config,
+            )
+            if not torch.isfinite(loss):
+                return loss, last[c]
+            total = total + loss
+        return total / len(classes), last[classes[-1]]
+
+    with frozen(model):
+        generator.train(train_trunk)  # a frozen trunk keeps its BatchNorm statistics
+        for p in generator.trunk_parameters():
+            p.requires_grad_(train_trunk)
+        for c in classes:
+            generator.code(c).requires_grad_(True)
+        _optimize(
+            params,
+            config,
+            steps_per_epoch,
+            step,
+            lambda: f"the shared generator for {_where(experience, current['class'])}",
+        )
+    if train_trunk:
+
+        def pairs(n):
+            per = max(1, n // len(classes))
+            drawn = [maps[c].pairs(per) for c in classes]
+            content = torch.cat([d[0] for d in drawn])  # (K*per, C, H, W)
+            style = torch.cat([d[1] for d in drawn])
+            labels = torch.tensor(classes).repeat_interleave(per)  # (K*per,)
+            return generator(content, style, labels.to(content.device))
+
+        _recalibrate_batchnorm(generator, pairs, config.batch_size)
+    generator.freeze()
+    for c in classes:
+        last[c]["loss"] = sum(last[c].values())
+    return last
+
+
 @torch.no_grad()
-def _recalibrate_batchnorm(
-    generator: FeatureGenerator, content: Tensor, style: Tensor, batch_size: int
-) -> None:
+def _recalibrate_batchnorm(generator: nn.Module, generate, batch_size: int) -> None:
     """Re-estimate the generator's BatchNorm statistics on (exemplar, unlabeled) pairs.
 
     During fitting the cycle pass also feeds ``[mix ; exemplar]`` through the
     generator, so its running statistics blend two input distributions; in
-    replay it only sees ``[exemplar ; unlabeled]``. Left in eval mode.
+    replay it only sees ``[exemplar ; unlabeled]``. ``generate(n)`` runs the
+    generator on ``n`` such pairs. Left in eval mode.
     """
-    layers = [m for m in generator.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    layers = [m for m in generator.modules() if isinstance(m, nn.BatchNorm2d)]
     for m in layers:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the passes below
     generator.train()
-    device = content.device
     for _ in range(max(1, 1024 // batch_size)):
-        rows_c = torch.randint(len(content), (batch_size,), device=device)
-        rows_s = torch.randint(len(style), (batch_size,), device=device)
-        generator(content[rows_c], style[rows_s])
+        generate(batch_size)
     for m in layers:
         m.momentum = 0.1
     generator.eval()

@@ -8,7 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FeatureGenerator", "GeneratorBank", "parameter_bytes"]
+__all__ = [
+    "CompactGeneratorBank",
+    "ConditionalGenerator",
+    "FeatureGenerator",
+    "GeneratorBank",
+    "parameter_bytes",
+]
 
 
 class _ResidualBlock(nn.Module):
@@ -144,3 +150,169 @@ class GeneratorBank(nn.Module, Mapping):
             rows = labels == class_id
             out[rows] = self[class_id](content[rows], style[rows])
         return out
+
+
+# ------------------------------------------------------------- compact design
+
+
+class _ModulatedBlock(nn.Module):
+    """Residual block whose two BatchNorm outputs are scaled and shifted per sample."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: Tensor, code: Tensor) -> Tensor:
+        # code: (B, 4, hidden) = scale and shift after bn1, then after bn2
+        g1, b1, g2, b2 = (code[:, i, :, None, None] for i in range(4))  # (B, h, 1, 1)
+        out = F.relu(self.bn1(self.conv1(x)) * g1 + b1)
+        out = self.bn2(self.conv2(out)) * g2 + b2
+        return F.relu(x + out)
+
+
+class ConditionalGenerator(nn.Module):
+    """One generator for all classes: a shared trunk and a small code per class.
+
+    The trunk has the design of :class:`FeatureGenerator`; each class owns a
+    code that scales and shifts the output of every BatchNorm of the residual
+    blocks (FiLM; Perez et al., AAAI 2018), ``4 * hidden`` numbers per block.
+    The trunk is fitted with the first experience's classes and then frozen;
+    each later class only adds and fits its code, so a class costs
+    ``4 * hidden * n_blocks`` numbers instead of a whole generator.
+
+    :param channels: channels ``C`` of the feature maps.
+    :param hidden: channels of the residual blocks.
+    :param n_blocks: number of residual blocks.
+    """
+
+    def __init__(self, channels: int, *, hidden: int = 128, n_blocks: int = 2):
+        super().__init__()
+        self.channels, self.hidden, self.n_blocks = channels, hidden, n_blocks
+        self.entry: nn.Module = (
+            nn.Identity()
+            if 2 * channels == hidden
+            else nn.Conv2d(2 * channels, hidden, 1, bias=False)
+        )
+        self.blocks = nn.ModuleList(_ModulatedBlock(hidden) for _ in range(n_blocks))
+        self.exit = nn.Conv2d(hidden, channels, 1)
+        self.codes = nn.ParameterDict()
+
+    @property
+    def device(self) -> torch.device:
+        return self.exit.weight.device
+
+    @property
+    def classes(self) -> list[int]:
+        return sorted(int(k) for k in self.codes.keys())
+
+    def add_class(self, class_id: int) -> None:
+        """A code that leaves the trunk unchanged (scale 1, shift 0)."""
+        code = torch.zeros(self.n_blocks, 4, self.hidden, device=self.device)
+        code[:, 0::2] = 1.0  # the scales
+        self.codes[str(int(class_id))] = nn.Parameter(code)
+
+    def remove_class(self, class_id: int) -> None:
+        del self.codes[str(int(class_id))]
+
+    def code(self, class_id: int) -> nn.Parameter:
+        return self.codes[str(int(class_id))]
+
+    def trunk_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters shared by all classes (not the codes)."""
+        for name, p in self.named_parameters():
+            if not name.startswith("codes."):
+                yield p
+
+    def freeze(self) -> None:
+        """No gradient anywhere, eval mode: the state that replay uses."""
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def forward(self, content: Tensor, style: Tensor, labels) -> Tensor:
+        """Generated maps of ``content`` maps of classes ``labels``.
+
+        :param labels: one class id for the whole batch, or ``(B,)`` ids.
+        """
+        if content.shape != style.shape or content.dim() != 4:
+            raise ValueError(
+                "content and style must be feature maps (B, C, H, W) of the same "
+                f"shape, got {tuple(content.shape)} and {tuple(style.shape)}"
+            )
+        if isinstance(labels, int):
+            codes = self.code(labels).unsqueeze(0).expand(len(content), -1, -1, -1)
+        else:
+            present, rows = labels.unique(return_inverse=True)
+            table = torch.stack([self.code(c) for c in present.tolist()])
+            codes = table[rows]  # (B, n_blocks, 4, hidden)
+        x = self.entry(torch.cat([content, style], dim=1))  # (B, hidden, H, W)
+        for i, block in enumerate(self.blocks):
+            x = block(x, codes[:, i])
+        return self.exit(x)
+
+
+class _ClassView(nn.Module):
+    """``bank[c]`` of a compact bank: the shared generator bound to class ``c``."""
+
+    def __init__(self, shared: ConditionalGenerator, class_id: int):
+        super().__init__()
+        object.__setattr__(self, "shared", shared)  # not a submodule: no copy
+        self.class_id = class_id
+
+    def forward(self, content: Tensor, style: Tensor) -> Tensor:
+        return self.shared(content, style, self.class_id)
+
+
+class CompactGeneratorBank(nn.Module, Mapping):
+    """The generators of the compact design: ``class id -> generator`` as well.
+
+    One :class:`ConditionalGenerator` serves every class; ``bank[c]`` is that
+    generator bound to ``c``, and :meth:`generate` makes all the counterparts
+    of a batch in one call.
+    """
+
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
+
+    def __init__(self):
+        super().__init__()
+        self.shared: ConditionalGenerator | None = None
+
+    def __getitem__(self, class_id: int) -> nn.Module:
+        if class_id not in self:
+            raise KeyError(class_id)
+        return _ClassView(self.shared, int(class_id))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.shared.classes if self.shared is not None else [])
+
+    def __len__(self) -> int:
+        return len(self.shared.codes) if self.shared is not None else 0
+
+    def __contains__(self, class_id: object) -> bool:
+        try:
+            return self.shared is not None and str(int(class_id)) in self.shared.codes
+        except (TypeError, ValueError):
+            return False
+
+    def set_shared(self, generator: ConditionalGenerator) -> None:
+        """Store the fitted shared generator, frozen."""
+        generator.freeze()
+        self.shared = generator
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def nbytes(self) -> int:
+        return parameter_bytes(self)
+
+    @torch.no_grad()
+    def generate(self, content: Tensor, style: Tensor, labels: Tensor) -> Tensor:
+        """All counterparts in one call, whatever the classes of ``labels``."""
+        missing = sorted(set(labels.tolist()) - set(self))
+        if missing:
+            raise KeyError(f"no generator for classes {missing}")
+        return self.shared(content, style, labels)

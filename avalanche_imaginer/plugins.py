@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from ._utils import compute_features, frozen
 from .data import UnlabeledPool, mine_unlabeled
 from .diagnostics import GeneratorDiagnostics, generator_diagnostics
-from .fitting import GeneratorConfig, fit_generator
-from .generator import GeneratorBank
+from .fitting import ClassMaps, GeneratorConfig, fit_compact, fit_generator
+from .generator import ConditionalGenerator, GeneratorBank
 from .losses import less_forget_loss, less_forget_weight, margin_ranking_loss
 
 __all__ = [
@@ -270,6 +270,7 @@ class GeneratorFittingPlugin(SupervisedPlugin):
         by_class = dataset.targets.val_to_idx
         exp_id = strategy.experience.current_experience
         fitted = {}
+        compact = {}  # class id -> its maps, for the compact design
         classes = _new_classes(strategy)
         for c in tqdm(
             classes, desc=f"generators (exp {exp_id})", disable=not self.progress
@@ -283,46 +284,42 @@ class GeneratorFittingPlugin(SupervisedPlugin):
                 logger.warning("class %d has no exemplar: no generator is fitted", c)
                 continue
             start = time.perf_counter()
-            real_maps = compute_features(
-                model,
-                dataset.subset(list(by_class[c])),
-                batch_size=batch,
-                device=device,
-                maps=True,
+            maps = ClassMaps(
+                real=compute_features(
+                    model,
+                    dataset.subset(list(by_class[c])),
+                    batch_size=batch,
+                    device=device,
+                    maps=True,
+                ),
+                exemplars=compute_features(
+                    model, exemplars.eval(), batch_size=batch, device=device, maps=True
+                ),
+                unlabeled=self._unlabeled_maps(model, pool, device, batch),
             )
-            exemplar_maps = compute_features(
-                model, exemplars.eval(), batch_size=batch, device=device, maps=True
-            )
-            with frozen(model), torch.no_grad():
-                unlabeled_maps = torch.cat(
-                    [
-                        model.feature_map(pool.sample(n, device))
-                        for n in _chunks(self.unlabeled_per_class, batch)
-                    ]
-                )
+            if self.config.design == "compact":
+                compact[c] = maps
+                self.fit_seconds[c] = time.perf_counter() - start
+                continue
             generator, losses = fit_generator(
                 model,
                 c,
-                real_maps,
-                exemplar_maps,
-                unlabeled_maps,
+                maps.real,
+                maps.exemplars,
+                maps.unlabeled,
                 self.config,
                 experience=exp_id,
             )
             fitted[c] = generator
-            self.fit_seconds[c] = time.perf_counter() - start
-            self.fit_losses[c] = losses
-            logger.info(
-                "generator of class %d fitted in %.1f s, final loss %.4f (%s)",
-                c,
-                self.fit_seconds[c],
-                losses["loss"],
-                ", ".join(f"{k}={v:.4f}" for k, v in losses.items() if k != "loss"),
-            )
+            self._done(c, time.perf_counter() - start, losses)
+        if compact:
+            shared = self._fit_compact(strategy, compact, exp_id)
         # Stored only once every class of the experience is fitted: an error
         # above leaves the bank as it was.
         for c, generator in fitted.items():
             strategy.generators.add(c, generator)
+        if compact:
+            strategy.generators.set_shared(shared)
         if self.mining:
             pool.restrict(
                 mine_unlabeled(
@@ -333,6 +330,56 @@ class GeneratorFittingPlugin(SupervisedPlugin):
                     batch_size=batch,
                 )
             )
+
+    def _unlabeled_maps(self, model, pool, device, batch: int) -> torch.Tensor:
+        with frozen(model), torch.no_grad():
+            return torch.cat(
+                [
+                    model.feature_map(pool.sample(n, device))
+                    for n in _chunks(self.unlabeled_per_class, batch)
+                ]
+            )
+
+    def _fit_compact(self, strategy, maps: dict, exp_id: int):
+        """The bank's shared generator with codes for ``maps``' classes, fitted.
+
+        A copy is fitted, so that an error leaves the bank's generator as it was.
+        """
+        start = time.perf_counter()
+        bank = strategy.generators
+        first = bank.shared is None
+        if first:
+            channels = next(iter(maps.values())).real.shape[1]
+            shared = ConditionalGenerator(
+                channels, hidden=self.config.hidden, n_blocks=self.config.n_blocks
+            ).to(strategy.device)
+        else:
+            shared = copy.deepcopy(bank.shared)
+        for c in maps:
+            shared.add_class(c)
+        losses = fit_compact(
+            strategy.model,
+            shared,
+            maps,
+            self.config,
+            train_trunk=first,
+            experience=exp_id,
+        )
+        seconds = (time.perf_counter() - start) / len(maps)
+        for c in maps:
+            self._done(c, self.fit_seconds[c] + seconds, losses[c])
+        return shared
+
+    def _done(self, c: int, seconds: float, losses: dict[str, float]) -> None:
+        self.fit_seconds[c] = seconds
+        self.fit_losses[c] = losses
+        logger.info(
+            "generator of class %d fitted in %.1f s, final loss %.4f (%s)",
+            c,
+            seconds,
+            losses["loss"],
+            ", ".join(f"{k}={v:.4f}" for k, v in losses.items() if k != "loss"),
+        )
 
 
 def _chunks(total: int, size: int) -> list[int]:
@@ -365,6 +412,8 @@ class ImaginedReplayPlugin(SupervisedPlugin):
         self.weight = weight
         self.bn_mode = bn_mode
         self.last_count = 0  # counterparts generated for the last batch
+        self.total_generated = 0  # counterparts generated in the whole run
+        self.generation_seconds = 0.0  # time spent in the generators
         self._warned: set[int] = set()
 
     def before_backward(self, strategy, **kwargs):
@@ -375,9 +424,7 @@ class ImaginedReplayPlugin(SupervisedPlugin):
         old, _ = _old_and_new(strategy)
         y = strategy.mb_y
         is_exemplar = torch.isin(y, old)
-        has_generator = torch.tensor(
-            [int(c) in bank for c in y.tolist()], device=y.device
-        )
+        has_generator = torch.isin(y, torch.tensor(list(bank), device=y.device))
         for c in y[is_exemplar & ~has_generator].unique().tolist():
             if c not in self._warned:
                 self._warned.add(c)
@@ -394,7 +441,9 @@ class ImaginedReplayPlugin(SupervisedPlugin):
             style = model.feature_map(
                 strategy.unlabeled_pool.sample(len(labels), strategy.device)
             )
+        start = time.perf_counter()
         generated = bank.generate(content, style, labels)  # (E*n, C, H, W)
+        self.generation_seconds += time.perf_counter() - start
         if self.bn_mode == "eval":
             with _bn_eval(model.upper):
                 logits = model.logits_of_map(generated)
@@ -402,6 +451,7 @@ class ImaginedReplayPlugin(SupervisedPlugin):
             logits = model.logits_of_map(generated)
         strategy.loss += self.weight * F.cross_entropy(logits, labels)
         self.last_count = len(labels)
+        self.total_generated += len(labels)
 
 
 class GeneratorDiagnosticsPlugin(SupervisedPlugin):

@@ -17,8 +17,8 @@ from torch.optim import Optimizer
 from torch.utils.data import Dataset
 
 from .data import UnlabeledPool
-from .fitting import ABLATIONS, GeneratorConfig, NonFiniteLossError
-from .generator import GeneratorBank
+from .fitting import ABLATIONS, DESIGNS, GeneratorConfig, NonFiniteLossError
+from .generator import CompactGeneratorBank, GeneratorBank
 from .memory import ExemplarMemory
 from .models import CosineClassifier, SplitModel
 from .plugins import (
@@ -322,8 +322,12 @@ class ImagineStrategy(CosineIncrementalTemplate):
     :param ablation: ``"full"``, ``"sc_sdc"``, ``"sc"`` (generator losses of
         the paper's ablation) or ``"no_generator"`` (the same pipeline without
         imagined replay).
+    :param generator_design: ``"per_class"`` (the paper: one generator per
+        class) or ``"compact"`` (one shared trunk fitted on the first
+        experience and a small code per class, about ``n_classes`` times fewer
+        bytes; :class:`~avalanche_imaginer.generator.ConditionalGenerator`).
     :param generator: design and fitting schedule of the generators; its
-        ``epochs`` and ``ablation`` are set from the arguments above.
+        ``epochs``, ``ablation`` and ``design`` are set from the arguments above.
     :param unlabeled_per_class: unlabeled inputs drawn for each fitting.
     :param unlabeled_mining: keep only the unlabeled inputs that the model
         labels most confidently, re-mined after each experience (authors'
@@ -353,6 +357,7 @@ class ImagineStrategy(CosineIncrementalTemplate):
         replay_weight: float = 1.0,
         lambda_base: float = 5.0,
         ablation: str = "full",
+        generator_design: str = "per_class",
         generator: GeneratorConfig | None = None,
         unlabeled_per_class: int = 1024,
         unlabeled_mining: bool = False,
@@ -377,6 +382,10 @@ class ImagineStrategy(CosineIncrementalTemplate):
         )
         if ablation not in ABLATIONS:
             raise ValueError(f"ablation must be one of {ABLATIONS}, got {ablation!r}")
+        if generator_design not in DESIGNS:
+            raise ValueError(
+                f"generator_design must be one of {DESIGNS}, got {generator_design!r}"
+            )
         if generated_bn not in BN_MODES:
             raise ValueError(
                 f"generated_bn must be one of {BN_MODES}, got {generated_bn!r}"
@@ -389,10 +398,15 @@ class ImagineStrategy(CosineIncrementalTemplate):
         # A copy (validated again by its __post_init__): the caller's config
         # may be shared with other strategies.
         config = dataclasses.replace(
-            generator or GeneratorConfig(), epochs=generator_epochs, ablation=ablation
+            generator or GeneratorConfig(),
+            epochs=generator_epochs,
+            ablation=ablation,
+            design=generator_design,
         )
         self.unlabeled_pool = UnlabeledPool(unlabeled_data)
-        self.generators = GeneratorBank()
+        self.generators = (
+            CompactGeneratorBank() if config.design == "compact" else GeneratorBank()
+        )
         self.generator_config = config
         self.ablation = ablation
         self.fitting = GeneratorFittingPlugin(

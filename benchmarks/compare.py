@@ -91,6 +91,7 @@ def run_one(method: str, seed: int, cfg: Config, stream) -> dict:
             accuracy_per_step.append(float(results[STREAM_KEY]))
             matrix.append([float(results[EXP_KEY.format(j)]) for j in range(t + 1)])
     generator_seconds = float(built.generator_seconds())
+    generated, generation_seconds = built.generated()
     return {
         "method": method,
         "seed": seed,
@@ -107,6 +108,10 @@ def run_one(method: str, seed: int, cfg: Config, stream) -> dict:
         "peak_memory_bytes": int(peak.peak),
         "exemplar_bytes": int(built.exemplar_bytes()),
         "generator_bytes": int(built.generator_bytes()),
+        "generated_samples": int(generated),
+        "generated_per_second": generated / generation_seconds
+        if generation_seconds > 0
+        else 0.0,
         "diagnostics": built.diagnostics(),
     }
 

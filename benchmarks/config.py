@@ -19,6 +19,7 @@ METHODS = (
     "imagine_sc",
     "imagine_sc_sdc",
     "imagine",
+    "imagine_compact",
     "joint",
 )
 

@@ -14,11 +14,14 @@ from avalanche_imaginer import LUCIR, ImagineStrategy, SplitModel, resnet18, res
 
 from .config import Config
 
-IMAGINE_ABLATIONS = {
-    "imagine_no_generator": "no_generator",
-    "imagine_sc": "sc",
-    "imagine_sc_sdc": "sc_sdc",
-    "imagine": "full",
+#: The Imagine variants of the comparison: the paper's ablations and the
+#: compact generator design, as ImagineStrategy arguments.
+IMAGINE_VARIANTS = {
+    "imagine_no_generator": {"ablation": "no_generator"},
+    "imagine_sc": {"ablation": "sc"},
+    "imagine_sc_sdc": {"ablation": "sc_sdc"},
+    "imagine": {"ablation": "full"},
+    "imagine_compact": {"ablation": "full", "generator_design": "compact"},
 }
 
 
@@ -45,6 +48,7 @@ class Built:
     generator_bytes: callable = field(default=lambda: 0)
     generator_seconds: callable = field(default=lambda: 0.0)
     diagnostics: callable = field(default=lambda: [])
+    generated: callable = field(default=lambda: (0, 0.0))  # (count, seconds)
 
 
 def _sample_bytes(stream) -> int:
@@ -134,7 +138,7 @@ def build_method(method: str, cfg: Config, stream, evaluator) -> Built:
             **common,
         )
         return Built(strategy, exemplar_bytes=strategy.memory.nbytes)
-    if method in IMAGINE_ABLATIONS:
+    if method in IMAGINE_VARIANTS:
         strategy = ImagineStrategy(
             model=model,
             optimizer=opt,
@@ -142,7 +146,7 @@ def build_method(method: str, cfg: Config, stream, evaluator) -> Built:
             memory_size=cfg.memory_size,
             generator_epochs=cfg.generator_epochs,
             n_generated=cfg.n_generated,
-            ablation=IMAGINE_ABLATIONS[method],
+            **IMAGINE_VARIANTS[method],
             progress=False,
             plugins=[sched],
             **common,
@@ -153,5 +157,9 @@ def build_method(method: str, cfg: Config, stream, evaluator) -> Built:
             generator_bytes=strategy.generators.nbytes,
             generator_seconds=lambda: sum(strategy.fitting.fit_seconds.values()),
             diagnostics=lambda: [r.as_dict() for r in strategy.diagnostics.records],
+            generated=lambda: (
+                strategy.replay.total_generated,
+                strategy.replay.generation_seconds,
+            ),
         )
     raise ValueError(f"unknown method {method!r}")

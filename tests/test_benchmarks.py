@@ -160,7 +160,7 @@ def test_compare_smoke_run_writes_every_result(tmp_path, capsys):
 
 
 def test_every_method_is_known_to_the_builder():
-    from benchmarks.methods import IMAGINE_ABLATIONS
+    from benchmarks.methods import IMAGINE_VARIANTS
 
     builtin = {"naive", "replay", "icarl", "lucir", "joint"}
-    assert set(METHODS) == builtin | set(IMAGINE_ABLATIONS)
+    assert set(METHODS) == builtin | set(IMAGINE_VARIANTS)

@@ -232,3 +232,36 @@ def test_generator_ablations_run(
     )
     parts = strategy.fitting.fit_losses
     assert all(torch.isfinite(torch.tensor(v["loss"])) for v in parts.values())
+
+
+def test_compact_generators_train_and_replay_end_to_end(
+    digits_stream, model_builder, unlabeled_patches
+):
+    seed_everything()
+    model = model_builder()
+    strategy = make_imagine(
+        model, unlabeled_patches, generator_design="compact", train_epochs=2
+    )
+    counts = []
+    strategy.replay.after_backward = lambda s, **kw: counts.append(s.replay.last_count)
+    seen = []
+    for t, experience in enumerate(digits_stream.train_stream[:3]):
+        strategy.train(experience)
+        seen += experience.classes_in_this_experience
+        assert sorted(strategy.generators) == sorted(seen)
+        results = strategy.eval(digits_stream.test_stream[: t + 1])
+    assert sum(counts) > 0, "exemplars got imagined counterparts"
+    assert results[STREAM_ACC] > 0.4  # 6 classes: chance is 0.17
+    assert strategy.generator_config.design == "compact"
+    one_generator = FeatureGenerator(
+        model.lower(torch.zeros(1, 1, 8, 8)).shape[1], hidden=128, n_blocks=2
+    )
+    per_class_bytes = len(seen) * sum(
+        t.numel() * t.element_size()
+        for t in [*one_generator.parameters(), *one_generator.buffers()]
+    )
+    assert strategy.generators.nbytes() < per_class_bytes / 5
+    assert not any(
+        isinstance(m, type(strategy.generators.shared))
+        for m in strategy.model.modules()
+    )
