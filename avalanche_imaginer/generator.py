@@ -13,18 +13,19 @@ __all__ = [
     "ConditionalGenerator",
     "FeatureGenerator",
     "GeneratorBank",
+    "StackedGenerators",
     "parameter_bytes",
 ]
 
 
 class _ResidualBlock(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 1):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+            nn.Conv2d(channels, channels, 3, 1, 1, groups=groups, bias=False),
             nn.BatchNorm2d(channels),
             nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, 1, 1, bias=False),
+            nn.Conv2d(channels, channels, 3, 1, 1, groups=groups, bias=False),
             nn.BatchNorm2d(channels),
         )
 
@@ -80,6 +81,9 @@ class FeatureGenerator(nn.Module):
             )
         x = torch.cat([content, style], dim=1)  # (B, 2C, H, W)
         return self.exit(self.blocks(self.entry(x)))
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return _tensors_of(self)
 
 
 def parameter_bytes(module: nn.Module) -> int:
@@ -150,6 +154,80 @@ class GeneratorBank(nn.Module, Mapping):
             rows = labels == class_id
             out[rows] = self[class_id](content[rows], style[rows])
         return out
+
+
+# ------------------------------------------------------- stacked generators
+
+
+class StackedGenerators(nn.Module):
+    """``K`` generators of one design run as one network of grouped convolutions.
+
+    Group ``k`` of every convolution and BatchNorm holds generator ``k``, so
+    one forward computes what ``K`` separate calls would, in a few large
+    kernels instead of ``K`` small ones. Used to fit an experience's new
+    classes together; :meth:`unstack` gives back the ``K`` generators.
+
+    :param generators: ``K`` :class:`FeatureGenerator` of the same design
+        (their current weights are copied).
+    """
+
+    def __init__(self, generators: list[FeatureGenerator]):
+        super().__init__()
+        if not generators:
+            raise ValueError("StackedGenerators needs at least one generator")
+        first = generators[0]
+        k, c = len(generators), first.channels
+        hidden = first.exit.in_channels
+        self.k, self.channels = k, c
+        self.entry: nn.Module = (
+            nn.Identity()
+            if isinstance(first.entry, nn.Identity)
+            else nn.Conv2d(k * 2 * c, k * hidden, 1, groups=k, bias=False)
+        )
+        self.blocks = nn.Sequential(
+            *(_ResidualBlock(k * hidden, groups=k) for _ in range(len(first.blocks)))
+        )
+        self.exit = nn.Conv2d(k * hidden, k * c, 1, groups=k)
+        self.to(first.exit.weight.device)
+        with torch.no_grad():
+            for name, tensor in self._tensors().items():
+                parts = [g._tensors()[name] for g in generators]
+                # a BatchNorm's step counter is one number for all groups
+                tensor.copy_(parts[0] if tensor.dim() == 0 else torch.cat(parts))
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return _tensors_of(self)
+
+    def forward(self, content: Tensor, style: Tensor) -> Tensor:
+        """``(K, B, C, H, W)`` maps of each generator's own content and style."""
+        k, b, c, h, w = content.shape
+        x = torch.cat([content, style], dim=2)  # (K, B, 2C, H, W)
+        x = x.transpose(0, 1).reshape(b, k * 2 * c, h, w)  # group k: its 2C channels
+        out = self.exit(self.blocks(self.entry(x)))  # (B, K*C, H, W)
+        return out.reshape(b, k, c, h, w).transpose(0, 1)  # (K, B, C, H, W)
+
+    def unstack(self) -> list[FeatureGenerator]:
+        """The ``K`` generators, in eval mode, with their own copy of the weights."""
+        hidden = self.exit.in_channels // self.k
+        out = []
+        for i in range(self.k):
+            g = FeatureGenerator(
+                self.channels, hidden=hidden, n_blocks=len(self.blocks)
+            ).to(self.exit.weight.device)
+            with torch.no_grad():
+                for name, tensor in g._tensors().items():
+                    stacked = self._tensors()[name]
+                    if stacked.dim() == 0:  # a BatchNorm's step counter
+                        tensor.copy_(stacked)
+                    else:
+                        tensor.copy_(stacked.chunk(self.k)[i])
+            out.append(g.eval())
+        return out
+
+
+def _tensors_of(module: nn.Module) -> dict[str, Tensor]:
+    """Parameters and buffers by name (the order stacking relies on)."""
+    return {**dict(module.named_parameters()), **dict(module.named_buffers())}
 
 
 # ------------------------------------------------------------- compact design

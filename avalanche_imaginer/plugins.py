@@ -23,7 +23,13 @@ from tqdm.auto import tqdm
 from ._utils import compute_features, frozen
 from .data import UnlabeledPool, mine_unlabeled
 from .diagnostics import GeneratorDiagnostics, generator_diagnostics
-from .fitting import ClassMaps, GeneratorConfig, fit_compact, fit_generator
+from .fitting import (
+    ClassMaps,
+    GeneratorConfig,
+    fit_compact,
+    fit_generator,
+    fit_generators,
+)
 from .generator import ConditionalGenerator, GeneratorBank
 from .losses import less_forget_loss, less_forget_weight, margin_ranking_loss
 
@@ -270,7 +276,7 @@ class GeneratorFittingPlugin(SupervisedPlugin):
         by_class = dataset.targets.val_to_idx
         exp_id = strategy.experience.current_experience
         fitted = {}
-        compact = {}  # class id -> its maps, for the compact design
+        pending = {}  # class id -> its maps, for the classes fitted together
         classes = _new_classes(strategy)
         for c in tqdm(
             classes, desc=f"generators (exp {exp_id})", disable=not self.progress
@@ -297,8 +303,8 @@ class GeneratorFittingPlugin(SupervisedPlugin):
                 ),
                 unlabeled=self._unlabeled_maps(model, pool, device, batch),
             )
-            if self.config.design == "compact":
-                compact[c] = maps
+            if self.config.design == "compact" or self.config.fit_together:
+                pending[c] = maps
                 self.fit_seconds[c] = time.perf_counter() - start
                 continue
             generator, losses = fit_generator(
@@ -312,13 +318,15 @@ class GeneratorFittingPlugin(SupervisedPlugin):
             )
             fitted[c] = generator
             self._done(c, time.perf_counter() - start, losses)
-        if compact:
-            shared = self._fit_compact(strategy, compact, exp_id)
+        if pending and self.config.design == "compact":
+            shared = self._fit_compact(strategy, pending, exp_id)
+        elif pending:
+            fitted = self._fit_together(strategy, pending, exp_id)
         # Stored only once every class of the experience is fitted: an error
         # above leaves the bank as it was.
         for c, generator in fitted.items():
             strategy.generators.add(c, generator)
-        if compact:
+        if pending and self.config.design == "compact":
             strategy.generators.set_shared(shared)
         if self.mining:
             pool.restrict(
@@ -369,6 +377,15 @@ class GeneratorFittingPlugin(SupervisedPlugin):
         for c in maps:
             self._done(c, self.fit_seconds[c] + seconds, losses[c])
         return shared
+
+    def _fit_together(self, strategy, maps: dict, exp_id: int) -> dict:
+        """Per-class generators of ``maps``' classes, fitted as one stacked net."""
+        start = time.perf_counter()
+        results = fit_generators(strategy.model, maps, self.config, experience=exp_id)
+        seconds = (time.perf_counter() - start) / len(maps)
+        for c, (_, losses) in results.items():
+            self._done(c, self.fit_seconds[c] + seconds, losses)
+        return {c: generator for c, (generator, _) in results.items()}
 
     def _done(self, c: int, seconds: float, losses: dict[str, float]) -> None:
         self.fit_seconds[c] = seconds

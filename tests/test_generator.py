@@ -19,6 +19,7 @@ from avalanche_imaginer import (
 )
 from avalanche_imaginer import fitting as fitting_module
 from avalanche_imaginer.fitting import fit_generator
+from avalanche_imaginer.generator import StackedGenerators
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -315,3 +316,83 @@ def test_fit_generator_raises_when_a_loss_becomes_nan(fitted_model, monkeypatch)
             random_maps(4, seed=3),
             small_config(epochs=1),
         )
+
+
+# --------------------------------------------------- stacked and fit together
+
+
+def test_stacked_generators_compute_what_each_generator_does():
+    generators = [small_generator(seed=s).eval() for s in range(3)]
+    stacked = StackedGenerators(generators).eval()
+    content, style = torch.randn(3, 5, 4, 2, 2), torch.randn(3, 5, 4, 2, 2)
+    with torch.no_grad():
+        out = stacked(content, style)
+        for k, generator in enumerate(generators):
+            assert torch.allclose(out[k], generator(content[k], style[k]), atol=1e-6)
+    for original, back in zip(generators, stacked.unstack()):
+        for (name, a), b in zip(
+            original.state_dict().items(), back.state_dict().values()
+        ):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("ablation", ["sc", "full"])
+def test_fitting_together_gives_the_generators_of_fitting_one_by_one(
+    fitted_model, ablation
+):
+    """Same initial generators and batches: same fitted generators."""
+    import copy
+
+    from avalanche_imaginer.fitting import ClassMaps, fit_generators
+
+    classes = (0, 1)
+    maps = {
+        c: ClassMaps(
+            random_maps(20, 10 * c), random_maps(4, 10 * c + 1), random_maps(9, 3)
+        )
+        for c in classes
+    }
+    # a low clipping norm, so that per-generator clipping is exercised
+    config = small_config(epochs=3, ablation=ablation, clip_norm=0.05, batch_size=8)
+    initial = {c: small_generator(CHANNELS, seed=c) for c in classes}
+
+    def rngs():
+        return {c: torch.Generator().manual_seed(100 + c) for c in classes}
+
+    one_by_one = {
+        c: fit_generator(
+            fitted_model,
+            c,
+            maps[c].real,
+            maps[c].exemplars,
+            maps[c].unlabeled,
+            config,
+            initial=copy.deepcopy(initial[c]),
+            rng=rngs()[c],
+        )
+        for c in classes
+    }
+    together = fit_generators(
+        fitted_model, maps, config, initial=copy.deepcopy(initial), rngs=rngs()
+    )
+    for c in classes:
+        alone, losses = one_by_one[c]
+        stacked, stacked_losses = together[c]
+        assert stacked_losses == pytest.approx(losses, rel=1e-4, abs=1e-5)
+        for name, value in alone.state_dict().items():
+            other = stacked.state_dict()[name]
+            assert torch.allclose(value.float(), other.float(), atol=1e-4), name
+        assert not stacked.training
+
+
+def test_fitting_together_names_the_class_whose_loss_is_nan(fitted_model):
+    from avalanche_imaginer.fitting import ClassMaps, fit_generators
+
+    bad = random_maps(8, 2)
+    bad[:, 0, 0, 0] = float("nan")
+    maps = {
+        0: ClassMaps(random_maps(8, 1), random_maps(2, 3), random_maps(8, 4)),
+        1: ClassMaps(bad, random_maps(2, 5), random_maps(8, 6)),
+    }
+    with pytest.raises(NonFiniteLossError, match="experience 2, class 1"):
+        fit_generators(fitted_model, maps, small_config(epochs=1), experience=2)

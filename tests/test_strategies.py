@@ -265,3 +265,24 @@ def test_compact_generators_train_and_replay_end_to_end(
         isinstance(m, type(strategy.generators.shared))
         for m in strategy.model.modules()
     )
+
+
+def test_generators_fitted_together_in_a_run(
+    digits_stream, model_builder, unlabeled_patches
+):
+    from avalanche_imaginer import GeneratorConfig
+
+    seed_everything()
+    model = model_builder()
+    strategy = make_imagine(
+        model,
+        unlabeled_patches,
+        generator=GeneratorConfig(fit_together=True),
+        generator_epochs=1,
+        train_epochs=1,
+    )
+    for experience in digits_stream.train_stream[:2]:
+        strategy.train(experience)
+    assert sorted(strategy.generators) == [0, 1, 2, 3]
+    assert all(isinstance(g, FeatureGenerator) for g in strategy.generators.values())
+    assert set(strategy.fitting.fit_seconds) == {0, 1, 2, 3}
