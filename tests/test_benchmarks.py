@@ -164,3 +164,36 @@ def test_every_method_is_known_to_the_builder():
 
     builtin = {"naive", "replay", "icarl", "lucir", "joint"}
     assert set(METHODS) == builtin | set(IMAGINE_VARIANTS)
+
+
+def test_profile_step_smoke_run(tmp_path):
+    from benchmarks.profile_step import main as profile
+
+    results = profile(
+        [
+            "--repeats",
+            "1",
+            "--generator-epochs",
+            "1",
+            "--fit-samples",
+            "8",
+            "--hidden",
+            "8",
+            "--threads",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    step = results["step"]
+    assert step["imagine_step_seconds"] > 0 and step["lucir_step_seconds"] > 0
+    assert {"generate", "style_maps", "backward_step"} <= step["imagine_phases"].keys()
+    assert "generate" not in step["lucir_phases"]
+    assert set(results["fitting"]) == {
+        f"{mode}_{k}_classes"
+        for mode in ("one_by_one", "together", "compact")
+        for k in (2, 10)
+    }
+    assert results["generation"]["compact_per_second"] > 0
+    assert "| generate |" in (tmp_path / "profile.md").read_text()
+    assert json.loads((tmp_path / "profile.json").read_text()) == results
