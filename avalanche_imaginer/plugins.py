@@ -10,6 +10,7 @@ the minibatch's feature maps and features cached by its ``forward`` as
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -49,7 +50,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: How generated maps pass through the BatchNorm layers of the upper part.
-BN_MODES = ("eval", "train")
+BN_MODES = ("eval", "train", "separate")
 
 
 def _new_classes(strategy) -> list[int]:
@@ -415,8 +416,11 @@ class ImaginedReplayPlugin(SupervisedPlugin):
     :param n_generated: counterparts per exemplar.
     :param weight: weight of their cross-entropy.
     :param bn_mode: BatchNorm of the upper part for generated maps: ``"eval"``
-        (running statistics, untouched by generated maps) or ``"train"``
-        (batch statistics, as the authors' CIFAR code).
+        (the running statistics of real maps, untouched by generated ones),
+        ``"train"`` (batch statistics, which also enter the running statistics
+        real inputs are evaluated with, as the authors' CIFAR code) or
+        ``"separate"`` (batch statistics, with running statistics of their own,
+        as the authors' ImageNet code; those of real maps are untouched).
     """
 
     def __init__(
@@ -432,6 +436,9 @@ class ImaginedReplayPlugin(SupervisedPlugin):
         self.total_generated = 0  # counterparts generated in the whole run
         self.generation_seconds = 0.0  # time spent in the generators
         self._warned: set[int] = set()
+        # "separate": per BatchNorm layer of the upper part, the running
+        # statistics of generated maps (made on first use)
+        self._generated_stats: list[dict[str, torch.Tensor]] | None = None
 
     def before_backward(self, strategy, **kwargs):
         self.last_count = 0
@@ -464,11 +471,38 @@ class ImaginedReplayPlugin(SupervisedPlugin):
         if self.bn_mode == "eval":
             with _bn_eval(model.upper):
                 logits = model.logits_of_map(generated)
+        elif self.bn_mode == "separate":
+            with self._own_statistics(model.upper):
+                logits = model.logits_of_map(generated)
         else:
             logits = model.logits_of_map(generated)
         strategy.loss += self.weight * F.cross_entropy(logits, labels)
         self.last_count = len(labels)
         self.total_generated += len(labels)
+
+    @contextlib.contextmanager
+    def _own_statistics(self, module: torch.nn.Module):
+        """Generated maps normalised by batch statistics, and kept in their own
+        running statistics: those of real maps are swapped out meanwhile."""
+        layers = _batchnorms(module)
+        names = ("running_mean", "running_var", "num_batches_tracked")
+        if self._generated_stats is None:
+            self._generated_stats = [
+                {n: getattr(m, n).clone() for n in names} for m in layers
+            ]
+        real = [{n: getattr(m, n) for n in names} for m in layers]
+        modes = [m.training for m in layers]
+        try:
+            for m, stats in zip(layers, self._generated_stats):
+                m.train()
+                for n in names:
+                    setattr(m, n, stats[n])
+            yield
+        finally:
+            for m, stats, mode in zip(layers, real, modes):
+                m.training = mode
+                for n in names:
+                    setattr(m, n, stats[n])
 
 
 class GeneratorDiagnosticsPlugin(SupervisedPlugin):
@@ -585,15 +619,19 @@ class GeneratorDiagnosticsPlugin(SupervisedPlugin):
             evaluator.publish_metric_value(MetricValue(self, name, mean, x))
 
 
+def _batchnorms(module: torch.nn.Module) -> list[torch.nn.Module]:
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+    ]
+
+
 class _bn_eval:
     """Puts the BatchNorm layers of a module in eval mode inside the block."""
 
     def __init__(self, module: torch.nn.Module):
-        self.layers = [
-            m
-            for m in module.modules()
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-        ]
+        self.layers = _batchnorms(module)
 
     def __enter__(self):
         self.modes = [m.training for m in self.layers]

@@ -319,6 +319,10 @@ class ImagineStrategy(CosineIncrementalTemplate):
     :param n_generated: imagined counterparts per exemplar (2).
     :param replay_weight: weight of the counterparts' cross-entropy (1).
     :param lambda_base: base weight of the less-forget distillation (5).
+    :param margin_weight: weight of LUCIR's margin ranking loss on exemplars
+        (0: off, as the paper's loss).
+    :param imprint_weights: initialise new classes' weights from their mean
+        features, as LUCIR.
     :param ablation: ``"full"``, ``"sc_sdc"``, ``"sc"`` (generator losses of
         the paper's ablation) or ``"no_generator"`` (the same pipeline without
         imagined replay).
@@ -356,6 +360,8 @@ class ImagineStrategy(CosineIncrementalTemplate):
         n_generated: int = 2,
         replay_weight: float = 1.0,
         lambda_base: float = 5.0,
+        margin_weight: float = 0.0,
+        imprint_weights: bool = False,
         ablation: str = "full",
         generator_design: str = "per_class",
         generator: GeneratorConfig | None = None,
@@ -377,6 +383,7 @@ class ImagineStrategy(CosineIncrementalTemplate):
         _check_number("generator_epochs", generator_epochs, integer=True)
         _check_number("n_generated", n_generated, integer=True)
         _check_number("replay_weight", replay_weight)
+        _check_number("margin_weight", margin_weight)
         _check_number(
             "unlabeled_per_class", unlabeled_per_class, minimum=1, integer=True
         )
@@ -421,6 +428,10 @@ class ImagineStrategy(CosineIncrementalTemplate):
             bn_mode=generated_bn,
         )
         own = [self.fitting, self.replay]
+        if margin_weight:
+            own.append(MarginRankingPlugin(weight=margin_weight))
+        if imprint_weights:
+            own.append(WeightImprintingPlugin())
         self.diagnostics: GeneratorDiagnosticsPlugin | None = None
         if diagnostics:
             self.diagnostics = GeneratorDiagnosticsPlugin()

@@ -260,6 +260,16 @@ def plot(records: list[dict], methods: list[str], path: Path, title: str) -> Non
     plt.close(fig)
 
 
+def _key_value(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
 def parse_args(argv=None) -> tuple[Config, Path | None]:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.compare",
@@ -276,6 +286,16 @@ def parse_args(argv=None) -> tuple[Config, Path | None]:
         annotation = str(f.type).replace(" | None", "")
         if annotation == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif annotation == "dict":
+            p.add_argument(
+                "--imagine-option",
+                dest=f.name,
+                action="append",
+                type=_key_value,
+                metavar="NAME=VALUE",
+                help="an ImagineStrategy argument for every Imagine method "
+                "(VALUE read as JSON, else as a string); repeatable",
+            )
         elif annotation.startswith("list["):
             kind = kinds[annotation[5:-1]]
             p.add_argument(flag, nargs="+", type=kind, default=None)
@@ -290,6 +310,8 @@ def parse_args(argv=None) -> tuple[Config, Path | None]:
         for f in dataclasses.fields(Config)
         if getattr(args, f.name) is not None
     }
+    if "imagine_options" in overrides:
+        overrides["imagine_options"] = dict(overrides["imagine_options"])
     try:
         cfg = (
             Config.from_file(args.config, **overrides)

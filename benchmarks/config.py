@@ -24,6 +24,26 @@ METHODS = (
 )
 
 
+#: ImagineStrategy arguments that the benchmark sets from its own fields.
+SET_BY_BENCHMARK = {
+    "model",
+    "optimizer",
+    "unlabeled_data",
+    "memory_size",
+    "generator_epochs",
+    "n_generated",
+    "ablation",
+    "progress",
+    "plugins",
+    "device",
+    "evaluator",
+    "train_mb_size",
+    "train_epochs",
+    "eval_mb_size",
+    "eval_every",
+}
+
+
 @dataclass
 class Config:
     """One comparison: data, protocol, budget, methods and seeds.
@@ -60,6 +80,9 @@ class Config:
     weight_decay: float = 5e-4
     generator_epochs: int = 10
     n_generated: int = 2
+    # further ImagineStrategy arguments for every Imagine method, e.g.
+    # {"generated_bn": "train"}; unknown names are errors
+    imagine_options: dict = field(default_factory=dict)
     # run
     methods: list[str] = field(
         default_factory=lambda: [
@@ -76,6 +99,40 @@ class Config:
 
     def __post_init__(self):
         self.validate()
+
+    def _validate_imagine_options(self) -> None:
+        import inspect
+
+        from avalanche_imaginer import ImagineStrategy
+
+        if not isinstance(self.imagine_options, dict):
+            raise ValueError(
+                "imagine_options must be a mapping of ImagineStrategy arguments, "
+                f"got {self.imagine_options!r}"
+            )
+        allowed = set(inspect.signature(ImagineStrategy).parameters) - SET_BY_BENCHMARK
+        unknown = sorted(set(self.imagine_options) - allowed)
+        if unknown:
+            raise ValueError(
+                f"imagine_options: unknown or benchmark-set argument(s) {unknown}; "
+                f"allowed: {sorted(allowed)}"
+            )
+        generator = self.imagine_options.get("generator")
+        if generator is not None:
+            from avalanche_imaginer import GeneratorConfig
+
+            if not isinstance(generator, dict):
+                raise ValueError(
+                    "imagine_options.generator must be a mapping of GeneratorConfig "
+                    f"fields, got {generator!r}"
+                )
+            fields = {f.name for f in dataclasses.fields(GeneratorConfig)}
+            bad = sorted(set(generator) - fields)
+            if bad:
+                raise ValueError(
+                    f"imagine_options.generator: unknown field(s) {bad}; known: "
+                    f"{sorted(fields)}"
+                )
 
     def validate(self) -> None:
         if self.dataset not in DATASETS:
@@ -103,6 +160,7 @@ class Config:
         for name in ("memory_size", "generator_epochs", "n_generated"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self._validate_imagine_options()
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> Config:

@@ -10,7 +10,14 @@ from avalanche.training import Cumulative, ICaRL, Naive, Replay
 from avalanche.training.plugins import LRSchedulerPlugin
 from torch import nn
 
-from avalanche_imaginer import LUCIR, ImagineStrategy, SplitModel, resnet18, resnet32
+from avalanche_imaginer import (
+    LUCIR,
+    GeneratorConfig,
+    ImagineStrategy,
+    SplitModel,
+    resnet18,
+    resnet32,
+)
 
 from .config import Config
 
@@ -54,6 +61,14 @@ class Built:
 def _sample_bytes(stream) -> int:
     x = stream.benchmark.train_stream[0].dataset[0][0]
     return x.numel() * x.element_size()
+
+
+def imagine_options(cfg: Config) -> dict:
+    """The config's extra ImagineStrategy arguments, ``generator`` as a config."""
+    options = dict(cfg.imagine_options)
+    if isinstance(options.get("generator"), dict):
+        options["generator"] = GeneratorConfig(**options["generator"])
+    return options
 
 
 def build_method(method: str, cfg: Config, stream, evaluator) -> Built:
@@ -146,7 +161,7 @@ def build_method(method: str, cfg: Config, stream, evaluator) -> Built:
             memory_size=cfg.memory_size,
             generator_epochs=cfg.generator_epochs,
             n_generated=cfg.n_generated,
-            **IMAGINE_VARIANTS[method],
+            **{**imagine_options(cfg), **IMAGINE_VARIANTS[method]},
             progress=False,
             plugins=[sched],
             **common,

@@ -68,11 +68,40 @@ def test_config_file_values_and_overrides(tmp_path):
         ({"unlabeled": "patches"}, "needs unlabeled_path"),
         ({"epochs": 0}, "epochs must be >= 1"),
         ({"seeds": []}, "at least one seed"),
+        ({"imagine_options": {"model": 1}}, "benchmark-set argument"),
+        ({"imagine_options": {"generated_bm": "eval"}}, r"\['generated_bm'\]"),
+        (
+            {"imagine_options": {"generator": {"lr2": 1}}},
+            r"unknown field\(s\) \['lr2'\]",
+        ),
     ],
 )
 def test_config_rejects_bad_values(fields, message):
     with pytest.raises(ValueError, match=message):
         Config(**fields)
+
+
+def test_imagine_options_from_the_command_line():
+    from benchmarks.compare import parse_args
+
+    cfg, _ = parse_args(
+        [
+            "--imagine-option",
+            "generated_bn=separate",
+            "--imagine-option",
+            "margin_weight=1.0",
+            "--imagine-option",
+            'generator={"lr": 0.02}',
+        ]
+    )
+    assert cfg.imagine_options == {
+        "generated_bn": "separate",
+        "margin_weight": 1.0,
+        "generator": {"lr": 0.02},
+    }
+    from benchmarks.methods import imagine_options
+
+    assert imagine_options(cfg)["generator"].lr == 0.02
 
 
 def test_shipped_configs_are_valid():

@@ -286,3 +286,77 @@ def test_generators_fitted_together_in_a_run(
     assert sorted(strategy.generators) == [0, 1, 2, 3]
     assert all(isinstance(g, FeatureGenerator) for g in strategy.generators.values())
     assert set(strategy.fitting.fit_seconds) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"generated_bn": "train"},
+        {"generated_bn": "separate"},
+        {"margin_weight": 1.0, "imprint_weights": True},
+        {"lower_lr_factor": 1.0},
+        {"unlabeled_mining": True},
+        {"eval_classifier": "nme"},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+def test_each_imagine_option_runs_end_to_end(
+    options, digits_stream, model_builder, unlabeled_patches
+):
+    seed_everything()
+    model = model_builder()
+    strategy = make_imagine(
+        model, unlabeled_patches, train_epochs=1, generator_epochs=1, **options
+    )
+    counts = []
+    strategy.replay.after_backward = lambda s, **kw: counts.append(s.replay.last_count)
+    for t, experience in enumerate(digits_stream.train_stream[:2]):
+        strategy.train(experience)
+        results = strategy.eval(digits_stream.test_stream[: t + 1])
+    assert sum(counts) > 0
+    assert sorted(strategy.generators) == [0, 1, 2, 3]
+    assert 0.0 <= results[STREAM_ACC] <= 1.0
+
+
+def test_separate_statistics_leave_the_real_ones_alone(
+    digits_stream, model_builder, unlabeled_patches
+):
+    """With generated_bn='separate' the running statistics real inputs are
+    evaluated with are those of real batches only: a hook sees them unchanged
+    by the generated forward."""
+    seed_everything()
+    model = model_builder()
+    strategy = make_imagine(
+        model,
+        unlabeled_patches,
+        train_epochs=1,
+        generator_epochs=1,
+        generated_bn="separate",
+    )
+    bn = next(m for m in model.upper.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    seen = []
+
+    class Around:
+        def before_backward(self, strategy, **kwargs):
+            seen.append(("before", bn.running_mean.clone()))
+
+        def after_backward(self, strategy, **kwargs):
+            seen.append(("after", bn.running_mean.clone()))
+
+    plugin = Around()
+    replay = strategy.replay
+    original = replay.before_backward
+
+    def wrapped(strategy, **kwargs):
+        plugin.before_backward(strategy)
+        original(strategy, **kwargs)
+        plugin.after_backward(strategy)
+
+    replay.before_backward = wrapped
+    for experience in digits_stream.train_stream[:2]:
+        strategy.train(experience)
+    assert replay.last_count or replay.total_generated > 0
+    pairs = list(zip(seen[::2], seen[1::2]))
+    assert pairs and all(torch.equal(a[1], b[1]) for a, b in pairs)
+    own = replay._generated_stats
+    assert own is not None and not torch.equal(own[0]["running_mean"], bn.running_mean)
