@@ -156,20 +156,24 @@ def rng_device(rng: torch.Generator | None, device: torch.device) -> torch.devic
 def _class_loss(model, generate, class_id, triplet, config):
     """``L_G`` of one class on a triplet batch; ``generate(content, style)``."""
     real, exemplar, unlabeled = triplet
-    use_cycle = config.ablation == "full"
     mix = generate(exemplar, unlabeled)  # (B, C, H, W)
-    cycle = generate(mix, exemplar) if use_cycle else None
-    # another mix of the class: the same batch shifted by one
-    other_mix = mix.roll(1, dims=0) if use_cycle else None
+    cycle = generate(mix, exemplar) if config.ablation == "full" else None
+    return _loss_of_mix(model.logits_of_map(mix), class_id, mix, cycle, triplet, config)
+
+
+def _loss_of_mix(logits, class_id, mix, cycle, triplet, config):
+    """``L_G`` of one class from its mixes (and cycle mixes, or ``None``)."""
+    real, exemplar, unlabeled = triplet
     return generator_loss(
-        logits=model.logits_of_map(mix),
+        logits=logits,
         target=class_id,
         mix=mix,
         real=real,
         unlabeled=unlabeled,
         exemplar=exemplar,
         cycle=cycle,
-        other_mix=other_mix,
+        # another mix of the class: the same batch shifted by one
+        other_mix=mix.roll(1, dims=0) if cycle is not None else None,
         lam=config.lam,
         lam_cyc=config.lam_cyc,
         semantic=config.semantic,
@@ -339,21 +343,13 @@ def fit_generators(
         logits = model.logits_of_map(mix.flatten(0, 1)).unflatten(0, (k, b))
         total = 0.0
         for i, c in enumerate(classes):
-            loss, last[c] = generator_loss(
-                logits=logits[i],
-                target=c,
-                mix=mix[i],
-                real=real[i],
-                unlabeled=unlabeled[i],
-                exemplar=exemplar[i],
-                cycle=cycle[i] if use_cycle else None,
-                other_mix=mix[i].roll(1, dims=0) if use_cycle else None,
-                lam=config.lam,
-                lam_cyc=config.lam_cyc,
-                semantic=config.semantic,
-                gram_normalized=config.gram_normalized,
-                use_sc=config.ablation in ("sc", "sc_sdc", "full"),
-                use_sdc=config.ablation in ("sc_sdc", "full"),
+            loss, last[c] = _loss_of_mix(
+                logits[i],
+                c,
+                mix[i],
+                cycle[i] if use_cycle else None,
+                (real[i], exemplar[i], unlabeled[i]),
+                config,
             )
             if not torch.isfinite(loss):
                 failed["class"] = c

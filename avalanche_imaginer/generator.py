@@ -92,17 +92,30 @@ def parameter_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-class GeneratorBank(nn.Module, Mapping):
-    """The fitted generators of a strategy: a mapping ``class id -> generator``.
-
-    Kept apart from the strategy's model, so that the deployed network holds
-    no generator. Generators in the bank are frozen (no gradient).
-    """
+class _Bank(nn.Module, Mapping):
+    """What both banks share: a frozen mapping ``class id -> generator``."""
 
     # Mapping would compare by content and make the module unhashable; modules
     # are compared and hashed by identity.
     __eq__ = object.__eq__
     __hash__ = object.__hash__
+
+    def train(self, mode: bool = True):
+        # Fitted generators stay in eval mode: their BatchNorm statistics are
+        # part of what was fitted.
+        return super().train(False)
+
+    def nbytes(self) -> int:
+        """Bytes held by all generators."""
+        return parameter_bytes(self)
+
+
+class GeneratorBank(_Bank):
+    """The fitted generators of a strategy: a mapping ``class id -> generator``.
+
+    Kept apart from the strategy's model, so that the deployed network holds
+    no generator. Generators in the bank are frozen (no gradient).
+    """
 
     def __init__(self):
         super().__init__()
@@ -129,15 +142,6 @@ class GeneratorBank(nn.Module, Mapping):
         for p in generator.parameters():
             p.requires_grad_(False)
         self._generators[str(int(class_id))] = generator
-
-    def train(self, mode: bool = True):
-        # Fitted generators stay in eval mode: their BatchNorm statistics are
-        # part of what was fitted.
-        return super().train(False)
-
-    def nbytes(self) -> int:
-        """Bytes held by all generators."""
-        return parameter_bytes(self)
 
     @torch.no_grad()
     def generate(self, content: Tensor, style: Tensor, labels: Tensor) -> Tensor:
@@ -344,16 +348,13 @@ class _ClassView(nn.Module):
         return self.shared(content, style, self.class_id)
 
 
-class CompactGeneratorBank(nn.Module, Mapping):
+class CompactGeneratorBank(_Bank):
     """The generators of the compact design: ``class id -> generator`` as well.
 
     One :class:`ConditionalGenerator` serves every class; ``bank[c]`` is that
     generator bound to ``c``, and :meth:`generate` makes all the counterparts
     of a batch in one call.
     """
-
-    __eq__ = object.__eq__
-    __hash__ = object.__hash__
 
     def __init__(self):
         super().__init__()
@@ -380,12 +381,6 @@ class CompactGeneratorBank(nn.Module, Mapping):
         """Store the fitted shared generator, frozen."""
         generator.freeze()
         self.shared = generator
-
-    def train(self, mode: bool = True):
-        return super().train(False)
-
-    def nbytes(self) -> int:
-        return parameter_bytes(self)
 
     @torch.no_grad()
     def generate(self, content: Tensor, style: Tensor, labels: Tensor) -> Tensor:

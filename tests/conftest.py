@@ -20,6 +20,17 @@ N_EXPERIENCES = 5
 N_CLASSES = 10
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread in every test: on tensors this small, OpenMP threads
+    on a busy 2-core machine cost far more than they save (x30 measured), and
+    one thread gives the same numbers run after run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def seed_everything(seed: int = SEED) -> None:
     """Seed torch and numpy; called by every test that trains."""
     torch.manual_seed(seed)

@@ -15,14 +15,6 @@ from avalanche_imaginer.fitting import ClassMaps, fit_compact
 from avalanche_imaginer.generator import parameter_bytes
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def shared_generator(classes=(0, 1, 2), seed=0, **kwargs) -> ConditionalGenerator:
     torch.manual_seed(seed)
     generator = ConditionalGenerator(4, **{"hidden": 8, "n_blocks": 2, **kwargs})

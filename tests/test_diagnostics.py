@@ -158,7 +158,6 @@ def test_diagnostics_plugin_measures_every_generator_after_each_experience():
 
 
 def test_diagnostics_do_not_change_the_run():
-    torch.set_num_threads(1)
     assert run(build(diagnostics=True), 2) == run(build(diagnostics=False), 2)
 
 

@@ -21,17 +21,6 @@ from avalanche_imaginer import fitting as fitting_module
 from avalanche_imaginer.fitting import fit_generator
 from avalanche_imaginer.generator import StackedGenerators
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on tensors this small, OpenMP threads on a busy
-    2-core machine cost far more than they save (x30 measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CHANNELS = 16  # maps of model_builder(width=4): 16 x 2 x 2
 
 

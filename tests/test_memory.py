@@ -8,17 +8,6 @@ import torch.nn.functional as F
 
 from avalanche_imaginer import ExemplarMemory, herding_order
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on tensors this small, OpenMP threads on a busy
-    2-core machine cost far more than they save (x30 measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SAMPLE_BYTES = 1 * 8 * 8 * 4  # one float32 digit of 1 x 8 x 8
 
 

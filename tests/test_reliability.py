@@ -25,15 +25,6 @@ STREAM_ACC = "Top1_Acc_Stream/eval_phase/test_stream/Task000"
 TESTS = Path(__file__).parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: exact same numbers, and fast on tiny tensors."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(cls, **overrides):
     """A seeded strategy on the tiny digits model, as the resume script builds it."""
     RNGManager.set_random_seeds(0)

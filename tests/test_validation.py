@@ -16,17 +16,6 @@ from avalanche_imaginer import (
     SplitModel,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on tensors this small, OpenMP threads on a busy
-    2-core machine cost far more than they save (x30 measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 STRATEGIES = [ImagineStrategy, LUCIR]
 
 
