@@ -90,6 +90,9 @@ def build_method(method: str, cfg: Config, stream, evaluator) -> Built:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
         return opt, LRSchedulerPlugin(sched, reset_scheduler=True, reset_lr=True)
 
+    # Avalanche's Replay has no default criterion; the three plain baselines
+    # learn with cross-entropy
+    plain = dict(common, criterion=torch.nn.CrossEntropyLoss())
     if method in ("naive", "replay", "joint"):
         probe = build_model(cfg, stream.input_shape, classifier=nn.Identity())
         model = build_model(
@@ -101,17 +104,17 @@ def build_method(method: str, cfg: Config, stream, evaluator) -> Built:
         )
         opt, sched = optimizer_for(model)
         if method == "naive":
-            return Built(Naive(model=model, optimizer=opt, plugins=[sched], **common))
+            return Built(Naive(model=model, optimizer=opt, plugins=[sched], **plain))
         if method == "joint":
             return Built(
-                Cumulative(model=model, optimizer=opt, plugins=[sched], **common)
+                Cumulative(model=model, optimizer=opt, plugins=[sched], **plain)
             )
         strategy = Replay(
             model=model,
             optimizer=opt,
             mem_size=cfg.memory_size,
             plugins=[sched],
-            **common,
+            **plain,
         )
         size = _sample_bytes(stream)
         replay = next(p for p in strategy.plugins if hasattr(p, "storage_policy"))

@@ -188,6 +188,23 @@ def test_compare_smoke_run_writes_every_result(tmp_path, capsys):
     assert "| imagine | 1 |" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_builds_and_trains_one_experience(method):
+    from avalanche.evaluation.metrics import accuracy_metrics
+    from avalanche.training.plugins import EvaluationPlugin
+
+    from benchmarks.datasets import build_stream
+    from benchmarks.methods import build_method
+
+    cfg = Config(width=4, epochs=1, generator_epochs=1, memory_size=20, steps=5)
+    stream = build_stream(cfg)
+    evaluator = EvaluationPlugin(accuracy_metrics(stream=True), loggers=[])
+    built = build_method(method, cfg, stream, evaluator)
+    built.strategy.train(stream.benchmark.train_stream[0])
+    results = built.strategy.eval(stream.benchmark.test_stream[:1])
+    assert 0.0 <= results["Top1_Acc_Stream/eval_phase/test_stream/Task000"] <= 1.0
+
+
 def test_every_method_is_known_to_the_builder():
     from benchmarks.methods import IMAGINE_VARIANTS
 
