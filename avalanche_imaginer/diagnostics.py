@@ -53,7 +53,7 @@ def map_drift(now: Tensor, reference: Tensor) -> float:
     if n == 0:
         return 0.0
     cos = F.cosine_similarity(now[:n], reference[:n].to(now.device), dim=1)  # (n,)
-    return float((1.0 - cos).mean())
+    return float((1.0 - cos).mean().clamp_min(0.0))  # no rounding below 0
 
 
 @torch.no_grad()
