@@ -22,7 +22,7 @@ from avalanche.evaluation.metric_results import MetricValue
 from tqdm.auto import tqdm
 
 from ._utils import compute_features, frozen
-from .data import UnlabeledPool, mine_unlabeled
+from .data import mine_unlabeled
 from .diagnostics import GeneratorDiagnostics, generator_diagnostics
 from .fitting import (
     ClassMaps,
@@ -269,47 +269,24 @@ class GeneratorFittingPlugin(SupervisedPlugin):
     def after_training_exp(self, strategy, **kwargs):
         if self.config.ablation == "no_generator" or self.config.epochs == 0:
             return
-        pool: UnlabeledPool = strategy.unlabeled_pool
-        model = strategy.model
-        device = strategy.device
-        batch = strategy.eval_mb_size
-        dataset = strategy.experience.dataset.eval()
-        by_class = dataset.targets.val_to_idx
         exp_id = strategy.experience.current_experience
-        fitted = {}
-        pending = {}  # class id -> its maps, for the classes fitted together
+        dataset = strategy.experience.dataset.eval()
+        together = self.config.design == "compact" or self.config.fit_together
+        fitted, pending = {}, {}  # pending: class id -> maps, fitted together
         classes = _new_classes(strategy)
         for c in tqdm(
             classes, desc=f"generators (exp {exp_id})", disable=not self.progress
         ):
-            exemplars = (
-                strategy.memory.exemplars_of(c)
-                if c in strategy.memory.classes
-                else None
-            )
-            if exemplars is None or len(exemplars) == 0:
-                logger.warning("class %d has no exemplar: no generator is fitted", c)
-                continue
             start = time.perf_counter()
-            maps = ClassMaps(
-                real=compute_features(
-                    model,
-                    dataset.subset(list(by_class[c])),
-                    batch_size=batch,
-                    device=device,
-                    maps=True,
-                ),
-                exemplars=compute_features(
-                    model, exemplars.eval(), batch_size=batch, device=device, maps=True
-                ),
-                unlabeled=self._unlabeled_maps(model, pool, device, batch),
-            )
-            if self.config.design == "compact" or self.config.fit_together:
+            maps = self._class_maps(strategy, dataset, c)
+            if maps is None:
+                continue
+            if together:
                 pending[c] = maps
                 self.fit_seconds[c] = time.perf_counter() - start
                 continue
-            generator, losses = fit_generator(
-                model,
+            fitted[c], losses = fit_generator(
+                strategy.model,
                 c,
                 maps.real,
                 maps.exemplars,
@@ -317,7 +294,6 @@ class GeneratorFittingPlugin(SupervisedPlugin):
                 self.config,
                 experience=exp_id,
             )
-            fitted[c] = generator
             self._done(c, time.perf_counter() - start, losses)
         if pending and self.config.design == "compact":
             shared = self._fit_compact(strategy, pending, exp_id)
@@ -330,15 +306,42 @@ class GeneratorFittingPlugin(SupervisedPlugin):
         if pending and self.config.design == "compact":
             strategy.generators.set_shared(shared)
         if self.mining:
-            pool.restrict(
+            strategy.unlabeled_pool.restrict(
                 mine_unlabeled(
-                    model,
-                    pool,
+                    strategy.model,
+                    strategy.unlabeled_pool,
                     per_class=self.mining_per_class,
-                    device=device,
-                    batch_size=batch,
+                    device=strategy.device,
+                    batch_size=strategy.eval_mb_size,
                 )
             )
+
+    def _class_maps(self, strategy, dataset, c: int) -> ClassMaps | None:
+        """Maps of class ``c``'s samples, exemplars and fresh unlabeled inputs."""
+        memory = strategy.memory
+        if c not in memory.classes or len(memory.exemplars_of(c)) == 0:
+            logger.warning("class %d has no exemplar: no generator is fitted", c)
+            return None
+        model, device, batch = strategy.model, strategy.device, strategy.eval_mb_size
+        return ClassMaps(
+            real=compute_features(
+                model,
+                dataset.subset(list(dataset.targets.val_to_idx[c])),
+                batch_size=batch,
+                device=device,
+                maps=True,
+            ),
+            exemplars=compute_features(
+                model,
+                memory.exemplars_of(c).eval(),
+                batch_size=batch,
+                device=device,
+                maps=True,
+            ),
+            unlabeled=self._unlabeled_maps(
+                model, strategy.unlabeled_pool, device, batch
+            ),
+        )
 
     def _unlabeled_maps(self, model, pool, device, batch: int) -> torch.Tensor:
         with frozen(model), torch.no_grad():
