@@ -293,8 +293,8 @@ def test_generators_fitted_together_in_a_run(
     [
         {"generated_bn": "train"},
         {"generated_bn": "separate"},
-        {"margin_weight": 1.0, "imprint_weights": True},
-        {"lower_lr_factor": 1.0},
+        {"margin_weight": 0.0, "imprint_weights": False},
+        {"lower_lr_factor": 0.1},
         {"unlabeled_mining": True},
         {"eval_classifier": "nme"},
     ],
