@@ -386,12 +386,14 @@ def _environment() -> dict:
             check=True,
             cwd=Path(__file__).parent,
         ).stdout.strip()
+        # Result files the runs themselves rewrite do not count as changes.
         dirty = bool(
             subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
+                ["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
+                + [":(exclude)benchmarks/results"],
                 capture_output=True,
                 text=True,
-                cwd=Path(__file__).parent,
+                cwd=Path(__file__).parent.parent,
             ).stdout.strip()
         )
     except (OSError, subprocess.CalledProcessError):

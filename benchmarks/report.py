@@ -1,0 +1,206 @@
+"""README tables from committed benchmark results.
+
+``python -m benchmarks.report --readme README.md`` rewrites the parts of
+README.md between ``<!-- NAME -->`` and ``<!-- /NAME -->`` markers from the
+result folders under ``benchmarks/results/``, so that every figure there is
+copied from a committed file, never typed. ``--print`` shows the tables
+instead. A marker whose result folder is missing is left as it is, with a
+warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+from pathlib import Path
+
+from .compare import _diagnostics_by
+from .metrics import mean_std
+
+logger = logging.getLogger("benchmarks.report")
+
+RESULTS = Path(__file__).parent / "results"
+
+#: README marker -> result folder whose ``results.md`` fills it.
+RESULT_TABLES = {
+    "DIGITS": "digits",
+    "CIFAR_PATCHES": "cifar10_cpu_patches",
+    "CIFAR_HELDOUT": "cifar10_cpu_heldout",
+}
+
+#: Folders of single-choice variants of the default Imagine, and what they change.
+ABLATION_DIRS = "digits_ablations"
+
+
+def _records(folder: Path) -> list[dict]:
+    return json.loads((folder / "results.json").read_text())
+
+
+def paired_gain(
+    records: list[dict], method: str, baseline: str, key: str = "avg_inc_acc"
+) -> tuple[float, float, int]:
+    """Mean and std over seeds of ``method - baseline`` on the same seed.
+
+    Only seeds both methods ran count; the third value is their number.
+    A paired difference removes what the seed does to both (its class order
+    and initialisation), so it is the fair measure of what one change adds.
+    """
+    by_seed = {
+        m: {r["seed"]: r[key] for r in records if r["method"] == m}
+        for m in (method, baseline)
+    }
+    seeds = sorted(set(by_seed[method]) & set(by_seed[baseline]))
+    if not seeds:
+        raise ValueError(f"no seed ran both {method!r} and {baseline!r}")
+    diffs = [100 * (by_seed[method][s] - by_seed[baseline][s]) for s in seeds]
+    mean, std = mean_std(diffs)
+    return mean, std, len(seeds)
+
+
+def _cell(values: list[float], digits: int = 2) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def variants_table(variants: dict[str, list[dict]]) -> str:
+    """One row per (variant, method): accuracy, the paired gain over the
+    variant's no-generator run, and the generators' diagnostics after the last
+    experience.
+
+    A variant that changes only the generators has no no-generator run of its
+    own (it would be the same run): its gain is over the first variant's,
+    marked ``*``.
+    """
+    first = next(iter(variants.values()), [])
+    fallback = [r for r in first if r["method"] == "imagine_no_generator"]
+    lines = [
+        "| variant | method | seeds | avg. inc. acc. (%) | final acc. (%) "
+        "| forgetting (%) | gain over no generator (points, paired) "
+        "| classified as their class, end (%) | std generated / real, end |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for variant, records in variants.items():
+        methods = list(dict.fromkeys(r["method"] for r in records))
+        for method in methods:
+            rows = [r for r in records if r["method"] == method]
+            gain = "—"
+            own = any(r["method"] == "imagine_no_generator" for r in records)
+            if method != "imagine_no_generator" and (own or fallback):
+                pool = records if own else [*rows, *fallback]
+                g, s, _ = paired_gain(pool, method, "imagine_no_generator")
+                gain = f"{g:+.2f} ± {s:.2f}" + ("" if own else "*")
+            end = _diagnostics_by(
+                records,
+                method,
+                lambda d, r: (
+                    d["experience"] == r["steps"] - 1
+                    and d["fitted_in"] < d["experience"]
+                ),
+            )
+            classified = _cell([100 * e["classified"] for e in end], 1) if end else "—"
+            ratio = _cell([e["std_ratio"] for e in end]) if end else "—"
+            lines.append(
+                f"| {variant} | {method} | {len(rows)} "
+                f"| {_cell([100 * r['avg_inc_acc'] for r in rows])} "
+                f"| {_cell([100 * r['final_acc'] for r in rows])} "
+                f"| {_cell([100 * r['forgetting'] for r in rows])} "
+                f"| {gain} | {classified} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
+def ablation_variants(results: Path) -> dict[str, list[dict]]:
+    """The default digits run's Imagine rows, then each variant folder's."""
+    variants = {}
+    default = results / "digits" / "results.json"
+    if default.exists():
+        keep = ("imagine_no_generator", "imagine")
+        variants["default"] = [
+            r for r in _records(default.parent) if r["method"] in keep
+        ]
+    folder = results / ABLATION_DIRS
+    if folder.is_dir():
+        for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+            if (sub / "results.json").exists():
+                variants[sub.name] = _records(sub)
+    return variants
+
+
+def gains_table(folders: dict[str, Path]) -> str:
+    """Paired gains of Imagine over its no-generator ablation and over LUCIR."""
+    lines = [
+        "| results | Imagine − no generator (points) | Imagine − LUCIR (points) |",
+        "| --- | --- | --- |",
+    ]
+    for name, folder in folders.items():
+        records = _records(folder)
+        cells = []
+        for baseline in ("imagine_no_generator", "lucir"):
+            try:
+                g, s, n = paired_gain(records, "imagine", baseline)
+                cells.append(f"{g:+.2f} ± {s:.2f} ({n} seeds)")
+            except ValueError:
+                cells.append("—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sections(results: Path = RESULTS) -> dict[str, str]:
+    """Marker name -> markdown, for every result folder that exists."""
+    out = {}
+    for marker, name in RESULT_TABLES.items():
+        path = results / name / "results.md"
+        if path.exists():
+            out[marker] = path.read_text().strip()
+    variants = ablation_variants(results)
+    if variants:
+        out["ABLATIONS"] = variants_table(variants)
+    gain_folders = {
+        name: results / name
+        for name in ("digits", "cifar10_cpu_patches")
+        if (results / name / "results.json").exists()
+    }
+    if gain_folders:
+        out["GAINS"] = gains_table(gain_folders)
+    profile = results / "profile" / "profile.md"
+    if profile.exists():
+        out["PROFILE"] = profile.read_text().strip()
+    return out
+
+
+def fill(text: str, parts: dict[str, str]) -> str:
+    """``text`` with the body of each ``<!-- NAME -->`` block set to ``parts``."""
+    for name, body in parts.items():
+        pattern = re.compile(
+            rf"(<!-- {name} -->\n).*?(<!-- /{name} -->)", flags=re.DOTALL
+        )
+        if not pattern.search(text):
+            logger.warning("README has no <!-- %s --> block; left out", name)
+            continue
+        text = pattern.sub(lambda m, b=body: m.group(1) + b + "\n" + m.group(2), text)
+    return text
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=RESULTS)
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--readme", type=Path, help="rewrite this file's blocks")
+    group.add_argument("--print", action="store_true", help="print the tables")
+    args = p.parse_args(argv)
+    parts = sections(args.results)
+    for marker in (*RESULT_TABLES, "ABLATIONS", "GAINS", "PROFILE"):
+        if marker not in parts:
+            logger.warning("no results for <!-- %s -->", marker)
+    if args.print:
+        for name, body in parts.items():
+            print(f"## {name}\n\n{body}\n")  # noqa: T201
+        return
+    args.readme.write_text(fill(args.readme.read_text(), parts))
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()
