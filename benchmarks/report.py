@@ -30,8 +30,12 @@ RESULT_TABLES = {
     "CIFAR_HELDOUT": "cifar10_cpu_heldout",
 }
 
-#: Folders of single-choice variants of the default Imagine, and what they change.
-ABLATION_DIRS = "digits_ablations"
+#: README marker -> (folder of the default run, folder of its variants: runs
+#: that each change one choice of the default Imagine).
+ABLATION_TABLES = {
+    "ABLATIONS": ("digits", "digits_ablations"),
+    "CIFAR_ABLATIONS": ("cifar10_cpu_patches", "cifar10_cpu_patches_ablations"),
+}
 
 
 def _records(folder: Path) -> list[dict]:
@@ -111,16 +115,12 @@ def variants_table(variants: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def ablation_variants(results: Path) -> dict[str, list[dict]]:
-    """The default digits run's Imagine rows, then each variant folder's."""
+def ablation_variants(default: Path, folder: Path) -> dict[str, list[dict]]:
+    """The default run's Imagine rows, then those of each variant folder."""
     variants = {}
-    default = results / "digits" / "results.json"
-    if default.exists():
+    if (default / "results.json").exists():
         keep = ("imagine_no_generator", "imagine")
-        variants["default"] = [
-            r for r in _records(default.parent) if r["method"] in keep
-        ]
-    folder = results / ABLATION_DIRS
+        variants["default"] = [r for r in _records(default) if r["method"] in keep]
     if folder.is_dir():
         for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
             if (sub / "results.json").exists():
@@ -154,9 +154,10 @@ def sections(results: Path = RESULTS) -> dict[str, str]:
         path = results / name / "results.md"
         if path.exists():
             out[marker] = path.read_text().strip()
-    variants = ablation_variants(results)
-    if variants:
-        out["ABLATIONS"] = variants_table(variants)
+    for marker, (default, folder) in ABLATION_TABLES.items():
+        variants = ablation_variants(results / default, results / folder)
+        if len(variants) > 1:  # the default alone is in the results table
+            out[marker] = variants_table(variants)
     gain_folders = {
         name: results / name
         for name in ("digits", "cifar10_cpu_patches")
@@ -191,7 +192,7 @@ def main(argv=None) -> None:
     group.add_argument("--print", action="store_true", help="print the tables")
     args = p.parse_args(argv)
     parts = sections(args.results)
-    for marker in (*RESULT_TABLES, "ABLATIONS", "GAINS", "PROFILE"):
+    for marker in (*RESULT_TABLES, *ABLATION_TABLES, "GAINS", "PROFILE"):
         if marker not in parts:
             logger.warning("no results for <!-- %s -->", marker)
     if args.print:

@@ -96,5 +96,12 @@ def test_sections_read_the_result_folders(tmp_path):
     parts = sections(tmp_path)
     assert parts["DIGITS"] == "| digits table |"
     assert "CIFAR_PATCHES" not in parts
+    assert "ABLATIONS" not in parts  # no variant folder: nothing to compare
+    variant = tmp_path / "digits_ablations" / "bn_train"
+    variant.mkdir(parents=True)
+    (variant / "results.json").write_text(json.dumps([_record("imagine", 0, 0.55)]))
+    parts = sections(tmp_path)
     assert "| default | imagine | 1 |" in parts["ABLATIONS"]
+    assert "| bn_train | imagine | 1 |" in parts["ABLATIONS"]
+    assert "+5.00 ± 0.00* |" in parts["ABLATIONS"]
     assert "| digits | +10.00 ± 0.00 (1 seeds) | — |" in parts["GAINS"]
