@@ -30,6 +30,14 @@ RESULT_TABLES = {
     "CIFAR_HELDOUT": "cifar10_cpu_heldout",
 }
 
+#: Rows of the gains table: folder of an Imagine run -> folder of its baselines
+#: (the held-out run has only Imagine; its stream and seeds are the patches run's).
+GAIN_ROWS = {
+    "digits": "digits",
+    "cifar10_cpu_patches": "cifar10_cpu_patches",
+    "cifar10_cpu_heldout": "cifar10_cpu_patches",
+}
+
 #: README marker -> (folder of the default run, folder of its variants: runs
 #: that each change one choice of the default Imagine).
 ABLATION_TABLES = {
@@ -128,18 +136,23 @@ def ablation_variants(default: Path, folder: Path) -> dict[str, list[dict]]:
     return variants
 
 
-def gains_table(folders: dict[str, Path]) -> str:
-    """Paired gains of Imagine over its no-generator ablation and over LUCIR."""
+def gains_table(rows: dict[str, tuple[Path, Path]]) -> str:
+    """Paired gains of Imagine over its no-generator ablation and over LUCIR.
+
+    ``rows`` maps a row name to the folder of the Imagine run and that of the
+    baselines (the same folder, or one of the same stream and seeds).
+    """
     lines = [
         "| results | Imagine − no generator (points) | Imagine − LUCIR (points) |",
         "| --- | --- | --- |",
     ]
-    for name, folder in folders.items():
-        records = _records(folder)
+    for name, (imagine_folder, baseline_folder) in rows.items():
+        imagine = [r for r in _records(imagine_folder) if r["method"] == "imagine"]
+        baselines = [r for r in _records(baseline_folder) if r["method"] != "imagine"]
         cells = []
         for baseline in ("imagine_no_generator", "lucir"):
             try:
-                g, s, n = paired_gain(records, "imagine", baseline)
+                g, s, n = paired_gain([*imagine, *baselines], "imagine", baseline)
                 cells.append(f"{g:+.2f} ± {s:.2f} ({n} seeds)")
             except ValueError:
                 cells.append("—")
@@ -158,13 +171,14 @@ def sections(results: Path = RESULTS) -> dict[str, str]:
         variants = ablation_variants(results / default, results / folder)
         if len(variants) > 1:  # the default alone is in the results table
             out[marker] = variants_table(variants)
-    gain_folders = {
-        name: results / name
-        for name in ("digits", "cifar10_cpu_patches")
+    gain_rows = {
+        name: (results / name, results / baselines)
+        for name, baselines in GAIN_ROWS.items()
         if (results / name / "results.json").exists()
+        and (results / baselines / "results.json").exists()
     }
-    if gain_folders:
-        out["GAINS"] = gains_table(gain_folders)
+    if gain_rows:
+        out["GAINS"] = gains_table(gain_rows)
     profile = results / "profile" / "profile.md"
     if profile.exists():
         out["PROFILE"] = profile.read_text().strip()

@@ -105,3 +105,25 @@ def test_sections_read_the_result_folders(tmp_path):
     assert "| bn_train | imagine | 1 |" in parts["ABLATIONS"]
     assert "+5.00 ± 0.00* |" in parts["ABLATIONS"]
     assert "| digits | +10.00 ± 0.00 (1 seeds) | — |" in parts["GAINS"]
+
+
+def test_gains_of_a_run_against_the_baselines_of_another_folder(tmp_path):
+    for name, records in {
+        "cifar10_cpu_patches": [
+            _record("lucir", 0, 0.50),
+            _record("imagine_no_generator", 0, 0.52),
+            _record("imagine", 0, 0.40),  # not this row's Imagine
+        ],
+        "cifar10_cpu_heldout": [_record("imagine", 0, 0.56)],
+    }.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(records))
+    rows = sections(tmp_path)["GAINS"].splitlines()
+    assert (
+        "| cifar10_cpu_patches | -12.00 ± 0.00 (1 seeds) | -10.00 ± 0.00 (1 seeds) |"
+        in rows
+    )
+    assert (
+        "| cifar10_cpu_heldout | +4.00 ± 0.00 (1 seeds) | +6.00 ± 0.00 (1 seeds) |"
+        in rows
+    )
