@@ -25,7 +25,12 @@ from tqdm.auto import tqdm
 from .config import METHODS, Config
 from .datasets import build_stream
 from .methods import build_method
-from .metrics import average_forgetting, average_incremental_accuracy, mean_std
+from .metrics import (
+    average_forgetting,
+    average_incremental_accuracy,
+    format_mean_std,
+    mean_std,
+)
 
 logger = logging.getLogger("benchmarks.compare")
 
@@ -129,8 +134,7 @@ def summarize(records: list[dict], methods: list[str]) -> str:
             continue
 
         def cell(key, scale=100.0, digits=2, rows=rows):
-            m, s = mean_std([r[key] * scale for r in rows])
-            return f"{m:.{digits}f} ± {s:.{digits}f}"
+            return format_mean_std([r[key] * scale for r in rows], digits)
 
         lines.append(
             f"| {method} | {len(rows)} | {cell('avg_inc_acc')} | {cell('final_acc')} "
@@ -151,7 +155,20 @@ DIAGNOSTICS = (
 )
 
 
-def _diagnostics_by(records: list[dict], method: str, pick) -> list[dict]:
+def when_fitted(diagnostic: dict, record: dict) -> bool:
+    """A diagnostic measured right after its generator was fitted."""
+    return diagnostic["experience"] == diagnostic["fitted_in"]
+
+
+def after_last_experience(diagnostic: dict, record: dict) -> bool:
+    """A diagnostic of an earlier experience's generator, after the last one."""
+    return (
+        diagnostic["experience"] == record["steps"] - 1
+        and diagnostic["fitted_in"] < diagnostic["experience"]
+    )
+
+
+def diagnostics_by(records: list[dict], method: str, pick) -> list[dict]:
     """Per seed, the mean over classes of each statistic of the picked rows."""
     out = []
     for r in records:
@@ -173,14 +190,12 @@ def summarize_diagnostics(records: list[dict], methods: list[str]) -> str:
         "| --- | --- |" + " --- |" * len(DIAGNOSTICS),
     ]
     picks = {
-        "when fitted": lambda d, r: d["experience"] == d["fitted_in"],
-        "after the last experience": lambda d, r: (
-            d["experience"] == r["steps"] - 1 and d["fitted_in"] < d["experience"]
-        ),
+        "when fitted": when_fitted,
+        "after the last experience": after_last_experience,
     }
     for method in methods:
         for when, pick in picks.items():
-            per_seed = _diagnostics_by(records, method, pick)
+            per_seed = diagnostics_by(records, method, pick)
             if not per_seed:
                 continue
             cells = []
@@ -204,7 +219,7 @@ def plot_diagnostics(records: list[dict], methods: list[str], path: Path) -> Non
         ages = []
         stats = {k: [] for k, _, _ in DIAGNOSTICS}
         for age in range(steps):
-            per_seed = _diagnostics_by(
+            per_seed = diagnostics_by(
                 records,
                 method,
                 lambda d, r, age=age: d["experience"] - d["fitted_in"] == age,

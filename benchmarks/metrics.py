@@ -5,7 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-__all__ = ["average_incremental_accuracy", "average_forgetting", "mean_std"]
+__all__ = [
+    "average_incremental_accuracy",
+    "average_forgetting",
+    "mean_std",
+    "format_mean_std",
+]
 
 
 def average_incremental_accuracy(accuracy_per_step: Sequence[float]) -> float:
@@ -48,3 +53,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
         return mean, 0.0
     var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
     return mean, math.sqrt(var)
+
+
+def format_mean_std(values: Sequence[float], digits: int = 2) -> str:
+    """``"mean ± std"`` of ``values`` with ``digits`` decimals."""
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"

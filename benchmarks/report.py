@@ -16,8 +16,8 @@ import logging
 import re
 from pathlib import Path
 
-from .compare import _diagnostics_by
-from .metrics import mean_std
+from .compare import after_last_experience, diagnostics_by
+from .metrics import format_mean_std, mean_std
 
 logger = logging.getLogger("benchmarks.report")
 
@@ -71,11 +71,6 @@ def paired_gain(
     return mean, std, len(seeds)
 
 
-def _cell(values: list[float], digits: int = 2) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def variants_table(variants: dict[str, list[dict]]) -> str:
     """One row per (variant, method): accuracy, the paired gain over the
     variant's no-generator run, and the generators' diagnostics after the last
@@ -103,21 +98,16 @@ def variants_table(variants: dict[str, list[dict]]) -> str:
                 pool = records if own else [*rows, *fallback]
                 g, s, _ = paired_gain(pool, method, "imagine_no_generator")
                 gain = f"{g:+.2f} ± {s:.2f}" + ("" if own else "*")
-            end = _diagnostics_by(
-                records,
-                method,
-                lambda d, r: (
-                    d["experience"] == r["steps"] - 1
-                    and d["fitted_in"] < d["experience"]
-                ),
+            end = diagnostics_by(records, method, after_last_experience)
+            classified = (
+                format_mean_std([100 * e["classified"] for e in end], 1) if end else "—"
             )
-            classified = _cell([100 * e["classified"] for e in end], 1) if end else "—"
-            ratio = _cell([e["std_ratio"] for e in end]) if end else "—"
+            ratio = format_mean_std([e["std_ratio"] for e in end]) if end else "—"
             lines.append(
                 f"| {variant} | {method} | {len(rows)} "
-                f"| {_cell([100 * r['avg_inc_acc'] for r in rows])} "
-                f"| {_cell([100 * r['final_acc'] for r in rows])} "
-                f"| {_cell([100 * r['forgetting'] for r in rows])} "
+                f"| {format_mean_std([100 * r['avg_inc_acc'] for r in rows])} "
+                f"| {format_mean_std([100 * r['final_acc'] for r in rows])} "
+                f"| {format_mean_std([100 * r['forgetting'] for r in rows])} "
                 f"| {gain} | {classified} | {ratio} |"
             )
     return "\n".join(lines)
