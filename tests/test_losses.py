@@ -40,6 +40,7 @@ map_shapes = st.tuples(
     st.integers(1, 3), st.integers(1, 5), st.integers(1, 4), st.integers(1, 4)
 )
 seeds = st.integers(0, 2**31 - 1)
+scales = st.floats(0.1, 10.0)  # factors of the scaling properties
 
 
 # ------------------------------------------------------------------ less-forget
@@ -347,12 +348,7 @@ def test_style_consistency_ignores_channel_order(shape, seed, normalized):
 
 
 @PROPERTY
-@given(
-    shape=map_shapes,
-    seed=seeds,
-    s=st.floats(0.1, 10.0),
-    t=st.floats(0.1, 10.0),
-)
+@given(shape=map_shapes, seed=seeds, s=scales, t=scales)
 def test_style_consistency_scaling(shape, seed, s, t):
     a, b = _random_maps(seed, shape), _random_maps(seed + 1, shape)
     # raw Gram is quadratic in the maps: scaling both by s scales the loss by s^2
@@ -398,12 +394,7 @@ def test_semantic_consistency_ignores_flips_and_channel_order(shape, seed, mode)
 
 
 @PROPERTY
-@given(
-    shape=map_shapes,
-    seed=seeds,
-    s=st.floats(0.1, 10.0),
-    t=st.floats(0.1, 10.0),
-)
+@given(shape=map_shapes, seed=seeds, s=scales, t=scales)
 def test_semantic_consistency_scaling(shape, seed, s, t):
     a, b = _random_maps(seed, shape), _random_maps(seed + 1, shape)
     # GAP keeps the scale: the loss is homogeneous of degree 1
