@@ -45,12 +45,16 @@ __all__ = [
     "ImaginedReplayPlugin",
     "GeneratorDiagnosticsPlugin",
     "BN_MODES",
+    "REPLAY_WEIGHTINGS",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: How generated maps pass through the BatchNorm layers of the upper part.
 BN_MODES = ("eval", "train", "separate")
+
+#: How the counterparts' cross-entropy is weighed against the batch's.
+REPLAY_WEIGHTINGS = ("batch", "sample")
 
 
 def _new_classes(strategy) -> list[int]:
@@ -413,11 +417,17 @@ class ImaginedReplayPlugin(SupervisedPlugin):
     Each exemplar of an old class gets ``n_generated`` counterparts
     ``G_y([f1(x) ; f1(u)])`` from its class's frozen generator and fresh
     unlabeled inputs ``u``; they go through the upper part and the classifier,
-    and ``weight * CE(logits, y)`` is added to the loss. A batch without
+    and their weighted cross-entropy is added to the loss. A batch without
     exemplars adds nothing.
 
     :param n_generated: counterparts per exemplar.
     :param weight: weight of their cross-entropy.
+    :param weighting: ``"batch"``: ``weight * mean CE`` of the counterparts,
+        which then weigh as much as the whole batch of real samples, however
+        few exemplars it holds; ``"sample"``: ``weight * sum CE / B`` for a
+        batch of ``B`` real samples, so that each counterpart weighs as one
+        real sample of the batch's mean cross-entropy (as one cross-entropy
+        over real and generated samples in the authors' code).
     :param bn_mode: BatchNorm of the upper part for generated maps: ``"eval"``
         (the running statistics of real maps, untouched by generated ones),
         ``"train"`` (batch statistics, which also enter the running statistics
@@ -427,13 +437,24 @@ class ImaginedReplayPlugin(SupervisedPlugin):
     """
 
     def __init__(
-        self, *, n_generated: int = 2, weight: float = 1.0, bn_mode: str = "eval"
+        self,
+        *,
+        n_generated: int = 2,
+        weight: float = 1.0,
+        weighting: str = "batch",
+        bn_mode: str = "eval",
     ):
         super().__init__()
         if bn_mode not in BN_MODES:
             raise ValueError(f"generated_bn must be one of {BN_MODES}, got {bn_mode!r}")
+        if weighting not in REPLAY_WEIGHTINGS:
+            raise ValueError(
+                f"replay_weighting must be one of {REPLAY_WEIGHTINGS}, "
+                f"got {weighting!r}"
+            )
         self.n_generated = n_generated
         self.weight = weight
+        self.weighting = weighting
         self.bn_mode = bn_mode
         self.last_count = 0  # counterparts generated for the last batch
         self.total_generated = 0  # counterparts generated in the whole run
@@ -479,7 +500,11 @@ class ImaginedReplayPlugin(SupervisedPlugin):
                 logits = model.logits_of_map(generated)
         else:
             logits = model.logits_of_map(generated)
-        strategy.loss += self.weight * F.cross_entropy(logits, labels)
+        if self.weighting == "batch":
+            loss = F.cross_entropy(logits, labels)
+        else:
+            loss = F.cross_entropy(logits, labels, reduction="sum") / len(y)
+        strategy.loss += self.weight * loss
         self.last_count = len(labels)
         self.total_generated += len(labels)
 

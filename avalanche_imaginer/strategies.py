@@ -23,6 +23,7 @@ from .memory import ExemplarMemory
 from .models import CosineClassifier, SplitModel
 from .plugins import (
     BN_MODES,
+    REPLAY_WEIGHTINGS,
     ClassBalancedFinetuningPlugin,
     ExemplarMemoryPlugin,
     GeneratorDiagnosticsPlugin,
@@ -318,6 +319,10 @@ class ImagineStrategy(CosineIncrementalTemplate):
     :param generator_epochs: epochs of each generator's fitting (40).
     :param n_generated: imagined counterparts per exemplar (2).
     :param replay_weight: weight of the counterparts' cross-entropy (1).
+    :param replay_weighting: ``"sample"``: each counterpart weighs as one
+        real sample of the batch (the authors' one cross-entropy over real and
+        generated samples); ``"batch"``: the counterparts' mean cross-entropy
+        weighs as much as the whole batch's, however few exemplars it holds.
     :param lambda_base: base weight of the less-forget distillation (5).
     :param margin_weight: weight of LUCIR's margin ranking loss on exemplars
         (1, as LUCIR; 0 gives the paper's loss, which measured worse here:
@@ -360,6 +365,7 @@ class ImagineStrategy(CosineIncrementalTemplate):
         generator_epochs: int = 40,
         n_generated: int = 2,
         replay_weight: float = 1.0,
+        replay_weighting: str = "batch",
         lambda_base: float = 5.0,
         margin_weight: float = 1.0,
         imprint_weights: bool = True,
@@ -394,6 +400,11 @@ class ImagineStrategy(CosineIncrementalTemplate):
             raise ValueError(
                 f"generator_design must be one of {DESIGNS}, got {generator_design!r}"
             )
+        if replay_weighting not in REPLAY_WEIGHTINGS:
+            raise ValueError(
+                f"replay_weighting must be one of {REPLAY_WEIGHTINGS}, "
+                f"got {replay_weighting!r}"
+            )
         if generated_bn not in BN_MODES:
             raise ValueError(
                 f"generated_bn must be one of {BN_MODES}, got {generated_bn!r}"
@@ -426,6 +437,7 @@ class ImagineStrategy(CosineIncrementalTemplate):
         self.replay = ImaginedReplayPlugin(
             n_generated=n_generated if ablation != "no_generator" else 0,
             weight=replay_weight,
+            weighting=replay_weighting,
             bn_mode=generated_bn,
         )
         own = [self.fitting, self.replay]

@@ -296,6 +296,7 @@ def test_generators_fitted_together_in_a_run(
         {"margin_weight": 0.0, "imprint_weights": False},
         {"lower_lr_factor": 0.1},
         {"unlabeled_mining": True},
+        {"replay_weighting": "sample"},
         {"eval_classifier": "nme"},
     ],
     ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),

@@ -180,6 +180,7 @@ def test_bool_is_not_a_number(build, cls):
     [
         (ImagineStrategy, "ablation"),
         (ImagineStrategy, "generated_bn"),
+        (ImagineStrategy, "replay_weighting"),
         (ImagineStrategy, "eval_classifier"),
         (LUCIR, "eval_classifier"),
     ],
