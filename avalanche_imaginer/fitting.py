@@ -9,7 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from ._utils import frozen
-from .generator import ConditionalGenerator, FeatureGenerator, StackedGenerators
+from .generator import (
+    ConditionalGenerator,
+    FeatureGenerator,
+    StackedGenerators,
+    in_memory_format_of,
+)
 from .losses import SEMANTIC_MODES, generator_loss
 from .models import SplitModel
 
@@ -262,9 +267,12 @@ def fit_generator(
     maps = ClassMaps(real_maps, exemplar_maps, unlabeled_maps)
     generator = initial
     if generator is None:
-        generator = FeatureGenerator(
-            real_maps.shape[1], hidden=config.hidden, n_blocks=config.n_blocks
-        ).to(real_maps.device)
+        generator = in_memory_format_of(
+            FeatureGenerator(
+                real_maps.shape[1], hidden=config.hidden, n_blocks=config.n_blocks
+            ).to(real_maps.device),
+            real_maps,
+        )
     steps_per_epoch = max(1, math.ceil(len(real_maps) / config.batch_size))
 
     def step():
@@ -326,7 +334,9 @@ def fit_generators(
             ).to(device)
             for c in classes
         }
-    stacked = StackedGenerators([initial[c] for c in classes])
+    stacked = in_memory_format_of(
+        StackedGenerators([initial[c] for c in classes]), maps[classes[0]].real
+    )
     k, b = len(classes), config.batch_size
     steps_per_epoch = max(1, max(math.ceil(len(maps[c].real) / b) for c in classes))
     last: dict[int, dict[str, float]] = {}
@@ -375,7 +385,10 @@ def fit_generators(
         return stacked(content, torch.stack([d[1] for d in drawn]))
 
     _recalibrate_batchnorm(stacked, pairs, b)
-    fitted = dict(zip(classes, stacked.unstack()))
+    fitted = {
+        c: in_memory_format_of(g, maps[c].real)
+        for c, g in zip(classes, stacked.unstack())
+    }
     for c in classes:
         last[c]["loss"] = sum(last[c].values())
     return {c: (fitted[c], last[c]) for c in classes}
@@ -392,7 +405,10 @@ def _clip_per_group(params: list[Tensor], groups: int, max_norm: float) -> None:
     squares = sum(g.reshape(groups, -1).pow(2).sum(dim=1) for g in grads)  # (K,)
     coef = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
     for g in grads:
-        g.reshape(groups, -1).mul_(coef.unsqueeze(1))
+        # scaled in place through a broadcast, not through reshape(), which
+        # copies the gradient of a channels-last weight instead of viewing it
+        rows = coef.repeat_interleave(g.shape[0] // groups)  # (K * rows,)
+        g.mul_(rows.view(-1, *([1] * (g.dim() - 1))))
 
 
 def fit_compact(

@@ -31,7 +31,7 @@ from .fitting import (
     fit_generator,
     fit_generators,
 )
-from .generator import ConditionalGenerator, GeneratorBank
+from .generator import ConditionalGenerator, GeneratorBank, in_memory_format_of
 from .losses import less_forget_loss, less_forget_weight, margin_ranking_loss
 
 __all__ = [
@@ -365,10 +365,15 @@ class GeneratorFittingPlugin(SupervisedPlugin):
         bank = strategy.generators
         first = bank.shared is None
         if first:
-            channels = next(iter(maps.values())).real.shape[1]
-            shared = ConditionalGenerator(
-                channels, hidden=self.config.hidden, n_blocks=self.config.n_blocks
-            ).to(strategy.device)
+            real = next(iter(maps.values())).real
+            shared = in_memory_format_of(
+                ConditionalGenerator(
+                    real.shape[1],
+                    hidden=self.config.hidden,
+                    n_blocks=self.config.n_blocks,
+                ).to(strategy.device),
+                real,
+            )
         else:
             shared = copy.deepcopy(bank.shared)
         for c in maps:

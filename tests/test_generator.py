@@ -385,3 +385,55 @@ def test_fitting_together_names_the_class_whose_loss_is_nan(fitted_model):
     }
     with pytest.raises(NonFiniteLossError, match="experience 2, class 1"):
         fit_generators(fitted_model, maps, small_config(epochs=1), experience=2)
+
+
+# -------------------------------------------------------------- memory format
+
+
+def _channels_last(module: nn.Module) -> bool:
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    return bool(convs) and all(
+        m.weight.is_contiguous(memory_format=torch.channels_last)
+        and not m.weight.is_contiguous()
+        for m in convs
+        if m.kernel_size != (1, 1)
+    )
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_generators_follow_the_memory_format_of_their_maps(fitted_model, together):
+    """Maps of a channels-last model give channels-last generators, and the
+    same fitting as contiguous maps, up to float rounding."""
+    from avalanche_imaginer.fitting import ClassMaps, fit_generators
+
+    def maps(channels_last: bool) -> ClassMaps:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return ClassMaps(
+            *(
+                random_maps(n, s).contiguous(memory_format=fmt)
+                for n, s in ((12, 1), (4, 2), (20, 3))
+            )
+        )
+
+    config = small_config(epochs=2)
+    fitted = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        if together:
+            ((generator, _),) = fit_generators(
+                fitted_model, {1: maps(channels_last)}, config
+            ).values()
+        else:
+            m = maps(channels_last)
+            generator, _ = fit_generator(
+                fitted_model, 1, m.real, m.exemplars, m.unlabeled, config
+            )
+        fitted[channels_last] = generator
+    assert _channels_last(fitted[True]) and not _channels_last(fitted[False])
+    content, style = random_maps(3, 4), random_maps(3, 5)
+    with torch.no_grad():
+        out = fitted[True](
+            content.contiguous(memory_format=torch.channels_last),
+            style.contiguous(memory_format=torch.channels_last),
+        )
+        assert torch.allclose(out, fitted[False](content, style), atol=1e-4)
