@@ -38,14 +38,17 @@ def build_model(
     """The backbone every method uses, split for the generators."""
     channels, size = input_shape[0], input_shape[-1]
     if cfg.model == "resnet18":
-        return resnet18(small_inputs=size <= 64, classifier=classifier)
-    blocks = 3 if cfg.model == "resnet20" else 5
-    return resnet32(
-        in_channels=channels,
-        width=cfg.width,
-        blocks_per_stage=blocks,
-        classifier=classifier,
-    )
+        model = resnet18(small_inputs=size <= 64, classifier=classifier)
+    else:
+        model = resnet32(
+            in_channels=channels,
+            width=cfg.width,
+            blocks_per_stage=3 if cfg.model == "resnet20" else 5,
+            classifier=classifier,
+        )
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -203,6 +204,29 @@ def test_every_method_builds_and_trains_one_experience(method):
     built.strategy.train(stream.benchmark.train_stream[0])
     results = built.strategy.eval(stream.benchmark.test_stream[:1])
     assert 0.0 <= results["Top1_Acc_Stream/eval_phase/test_stream/Task000"] <= 1.0
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_models_take_the_configured_memory_format(channels_last):
+    from benchmarks.methods import build_model
+
+    # width 8: torch 2.14's oneDNN corrupts the heap on channels-last width 4
+    cfg = Config(width=8, channels_last=channels_last)
+    model = build_model(cfg, (1, 8, 8))
+    conv = next(
+        m
+        for m in model.lower.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1
+    )
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == (
+        channels_last
+    )
+    assert conv.weight.is_contiguous() != channels_last
+    model.classifier.adaptation(SimpleNamespace(classes_in_this_experience=[0, 1]))
+    loss = model(torch.randn(4, 1, 8, 8)).sum()
+    loss.backward()
+    maps = model.feature_map(torch.randn(2, 1, 8, 8))
+    assert maps.is_contiguous() != channels_last
 
 
 def test_every_method_is_known_to_the_builder():
