@@ -57,6 +57,12 @@ BN_MODES = ("eval", "train", "separate")
 REPLAY_WEIGHTINGS = ("batch", "sample")
 
 
+def _autocast(strategy):
+    """The strategy's mixed-precision context of forward passes (or none)."""
+    make = getattr(strategy, "autocast", None)
+    return make() if make is not None else contextlib.nullcontext()
+
+
 def _new_classes(strategy) -> list[int]:
     return sorted(int(c) for c in strategy.experience.classes_in_this_experience)
 
@@ -123,9 +129,9 @@ class LessForgetPlugin(SupervisedPlugin):
     def before_backward(self, strategy, **kwargs):
         if self.old_model is None or self.weight == 0.0:
             return
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(strategy):
             old_features = self.old_model.features(strategy.mb_x)
-        loss = less_forget_loss(strategy.mb_features, old_features)
+        loss = less_forget_loss(strategy.mb_features, old_features.float())
         strategy.loss += self.weight * loss
 
     def after_training_exp(self, strategy, **kwargs):
@@ -490,21 +496,23 @@ class ImaginedReplayPlugin(SupervisedPlugin):
         model = strategy.model
         labels = y[rows].repeat_interleave(self.n_generated)  # (E*n,)
         content = strategy.mb_maps[rows].detach().repeat_interleave(self.n_generated, 0)
-        with torch.no_grad(), frozen(model.lower):
-            style = model.feature_map(
-                strategy.unlabeled_pool.sample(len(labels), strategy.device)
-            )
-        start = time.perf_counter()
-        generated = bank.generate(content, style, labels)  # (E*n, C, H, W)
-        self.generation_seconds += time.perf_counter() - start
-        if self.bn_mode == "eval":
-            with _bn_eval(model.upper):
+        with _autocast(strategy):
+            with torch.no_grad(), frozen(model.lower):
+                style = model.feature_map(
+                    strategy.unlabeled_pool.sample(len(labels), strategy.device)
+                )
+            start = time.perf_counter()
+            generated = bank.generate(content, style, labels)  # (E*n, C, H, W)
+            self.generation_seconds += time.perf_counter() - start
+            if self.bn_mode == "eval":
+                with _bn_eval(model.upper):
+                    logits = model.logits_of_map(generated)
+            elif self.bn_mode == "separate":
+                with self._own_statistics(model.upper):
+                    logits = model.logits_of_map(generated)
+            else:
                 logits = model.logits_of_map(generated)
-        elif self.bn_mode == "separate":
-            with self._own_statistics(model.upper):
-                logits = model.logits_of_map(generated)
-        else:
-            logits = model.logits_of_map(generated)
+        logits = logits.float()
         if self.weighting == "batch":
             loss = F.cross_entropy(logits, labels)
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -77,6 +78,7 @@ class CosineIncrementalTemplate(SupervisedTemplate):
         lambda_base: float,
         lower_lr_factor: float,
         eval_classifier: str,
+        mixed_precision: bool,
         own_plugins: list[SupervisedPlugin],
         train_mb_size: int,
         train_epochs: int,
@@ -116,6 +118,11 @@ class CosineIncrementalTemplate(SupervisedTemplate):
                 f"eval_classifier must be one of {EVAL_CLASSIFIERS}, "
                 f"got {eval_classifier!r}"
             )
+        if not isinstance(mixed_precision, bool):
+            raise TypeError(
+                "mixed_precision must be a bool, got "
+                f"{type(mixed_precision).__name__} {mixed_precision!r}"
+            )
         if plugins is not None and not isinstance(plugins, (list, tuple)):
             raise TypeError(
                 f"plugins must be a list or None, got {type(plugins).__name__}"
@@ -124,6 +131,7 @@ class CosineIncrementalTemplate(SupervisedTemplate):
             memory_size, per_class=memory_per_class, herding=herding, flip_means=True
         )
         self.eval_classifier = eval_classifier
+        self.mixed_precision = mixed_precision
         self.distillation = LessForgetPlugin(lambda_base)
         internal = [
             ExemplarMemoryPlugin(compute_means=eval_classifier == "nme"),
@@ -146,6 +154,20 @@ class CosineIncrementalTemplate(SupervisedTemplate):
             evaluator=evaluator if evaluator is not None else default_evaluator,
             eval_every=eval_every,
         )
+        if mixed_precision and self.device.type != "cuda":
+            warnings.warn(
+                f"mixed_precision=True on device {self.device}: bfloat16 autocast "
+                "is meant for GPUs and is usually slower on CPUs without bfloat16 "
+                "units",
+                stacklevel=3,
+            )
+
+    def autocast(self):
+        """The context of the network's forward passes: bfloat16 autocast on
+        the strategy's device with ``mixed_precision``, else nothing."""
+        if not self.mixed_precision:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     @property
     def old_model(self):
@@ -153,8 +175,11 @@ class CosineIncrementalTemplate(SupervisedTemplate):
         return self.distillation.old_model
 
     def forward(self):
-        maps = self.model.lower(self.mb_x)  # (B, C, H, W)
-        features = self.model.upper(maps)  # (B, D)
+        with self.autocast():
+            maps = self.model.lower(self.mb_x)  # (B, C, H, W)
+            features = self.model.upper(maps)  # (B, D)
+        # the classifier and every loss work in float32
+        features = features.float()
         self.mb_maps, self.mb_features = maps, features
         if not self.is_training and self.eval_classifier == "nme":
             return self.memory.nme_scores(
@@ -238,6 +263,9 @@ class LUCIR(CosineIncrementalTemplate):
     :param lower_lr_factor: learning-rate factor of the lower part after the
         first experience (1: same as the rest).
     :param eval_classifier: ``"cnn"`` (cosine head) or ``"nme"``.
+    :param mixed_precision: run the network's forward passes (lower and
+        upper parts, the old model, imagined replay) under bfloat16 autocast,
+        for GPUs; the classifier and the losses stay in float32.
     """
 
     def __init__(
@@ -256,6 +284,7 @@ class LUCIR(CosineIncrementalTemplate):
         finetuning_epochs: int = 0,
         lower_lr_factor: float = 1.0,
         eval_classifier: str = "cnn",
+        mixed_precision: bool = False,
         train_mb_size: int = 128,
         train_epochs: int = 1,
         eval_mb_size: int | None = 256,
@@ -284,6 +313,7 @@ class LUCIR(CosineIncrementalTemplate):
             lambda_base=lambda_base,
             lower_lr_factor=lower_lr_factor,
             eval_classifier=eval_classifier,
+            mixed_precision=mixed_precision,
             own_plugins=own,
             train_mb_size=train_mb_size,
             train_epochs=train_epochs,
@@ -348,6 +378,10 @@ class ImagineStrategy(CosineIncrementalTemplate):
         first experience (1; the authors use 0.1 so that generators keep
         the lower part they were fitted on, which measured worse here).
     :param eval_classifier: ``"cnn"`` (cosine head) or ``"nme"``.
+    :param mixed_precision: run the network's forward passes (lower and
+        upper parts, the old model, imagined replay) under bfloat16 autocast,
+        for GPUs; the classifier, the losses and the fitting of generators
+        stay in float32.
     :param progress: progress bars while fitting generators.
     :param diagnostics: measure every generator after each experience
         (:class:`~avalanche_imaginer.plugins.GeneratorDiagnosticsPlugin`;
@@ -377,6 +411,7 @@ class ImagineStrategy(CosineIncrementalTemplate):
         generated_bn: str = "eval",
         lower_lr_factor: float = 1.0,
         eval_classifier: str = "cnn",
+        mixed_precision: bool = False,
         progress: bool = True,
         diagnostics: bool = True,
         train_mb_size: int = 128,
@@ -458,6 +493,7 @@ class ImagineStrategy(CosineIncrementalTemplate):
             lambda_base=lambda_base,
             lower_lr_factor=lower_lr_factor,
             eval_classifier=eval_classifier,
+            mixed_precision=mixed_precision,
             own_plugins=own,
             train_mb_size=train_mb_size,
             train_epochs=train_epochs,

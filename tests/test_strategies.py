@@ -361,3 +361,52 @@ def test_separate_statistics_leave_the_real_ones_alone(
     assert pairs and all(torch.equal(a[1], b[1]) for a, b in pairs)
     own = replay._generated_stats
     assert own is not None and not torch.equal(own[0]["running_mean"], bn.running_mean)
+
+
+@pytest.mark.parametrize("cls", ["lucir", "imagine"])
+def test_mixed_precision_runs_the_network_in_bfloat16(
+    cls, digits_stream, model_builder, unlabeled_patches
+):
+    """bfloat16 autocast (here on the CPU, with its warning) for the network's
+    passes; features, logits and losses stay in float32."""
+    seed_everything()
+    model = model_builder()
+    with pytest.warns(UserWarning, match="mixed_precision=True on device cpu"):
+        if cls == "imagine":
+            strategy = make_imagine(
+                model,
+                unlabeled_patches,
+                train_epochs=1,
+                generator_epochs=1,
+                mixed_precision=True,
+            )
+        else:
+            strategy = LUCIR(
+                model=model,
+                optimizer=sgd(model),
+                memory_size=60,
+                train_mb_size=32,
+                train_epochs=1,
+                mixed_precision=True,
+                evaluator=quiet_evaluator(),
+            )
+    seen = []
+
+    class Watch:
+        def before_backward(self, strategy, **kwargs):
+            seen.append(
+                (strategy.mb_maps.dtype, strategy.mb_features.dtype, strategy.loss)
+            )
+
+    strategy.plugins.append(Watch())
+    for t, experience in enumerate(digits_stream.train_stream[:2]):
+        strategy.train(experience)
+        results = strategy.eval(digits_stream.test_stream[: t + 1])
+    assert {(maps, features) for maps, features, _ in seen} == {
+        (torch.bfloat16, torch.float32)
+    }
+    assert all(loss.dtype == torch.float32 for _, _, loss in seen)
+    assert 0.0 <= results[STREAM_ACC] <= 1.0
+    if cls == "imagine":
+        assert strategy.replay.total_generated > 0
+        assert sorted(strategy.generators) == [0, 1, 2, 3]

@@ -172,6 +172,12 @@ def test_bool_is_not_a_number(build, cls):
         build(cls, memory_size=True)
 
 
+@pytest.mark.parametrize("cls", STRATEGIES)
+def test_mixed_precision_must_be_a_bool(build, cls):
+    with pytest.raises(TypeError, match="mixed_precision must be a bool, got str"):
+        build(cls, mixed_precision="bf16")
+
+
 # ------------------------------------------------------------------------ modes
 
 
