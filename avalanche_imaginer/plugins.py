@@ -567,6 +567,7 @@ class GeneratorDiagnosticsPlugin(SupervisedPlugin):
         super().__init__()
         self.counterparts_per_exemplar = counterparts_per_exemplar
         self.records: list[GeneratorDiagnostics] = []
+        self.seconds = 0.0  # time spent measuring, apart from the method's own
         # class id -> pooled exemplar maps (N, C) when its generator was fitted
         self._reference: dict[int, torch.Tensor] = {}
         self._fitted_in: dict[int, int] = {}
@@ -574,11 +575,13 @@ class GeneratorDiagnosticsPlugin(SupervisedPlugin):
     def after_training_exp(self, strategy, **kwargs):
         if len(strategy.generators) == 0:
             return
+        start = time.perf_counter()
         # Its own random draws: measuring must not change the run it measures.
         with torch.random.fork_rng(devices=[]):
             results = self._measure(strategy)
         self.records.extend(results)
         self._publish(strategy, results)
+        self.seconds += time.perf_counter() - start
 
     def _measure(self, strategy) -> list[GeneratorDiagnostics]:
         bank: GeneratorBank = strategy.generators

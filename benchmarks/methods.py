@@ -58,7 +58,9 @@ class Built:
     generator_bytes: callable = field(default=lambda: 0)
     generator_seconds: callable = field(default=lambda: 0.0)
     diagnostics: callable = field(default=lambda: [])
+    diagnostics_seconds: callable = field(default=lambda: 0.0)
     generated: callable = field(default=lambda: (0, 0.0))  # (count, seconds)
+    generator_classes: callable = field(default=lambda: 0)
 
 
 def _sample_bytes(stream) -> int:
@@ -177,7 +179,12 @@ def build_method(method: str, cfg: Config, stream, evaluator) -> Built:
             exemplar_bytes=strategy.memory.nbytes,
             generator_bytes=strategy.generators.nbytes,
             generator_seconds=lambda: sum(strategy.fitting.fit_seconds.values()),
-            diagnostics=lambda: [r.as_dict() for r in strategy.diagnostics.records],
+            # diagnostics=False in the config's imagine_options: none measured
+            diagnostics=lambda: [
+                r.as_dict() for r in getattr(strategy.diagnostics, "records", [])
+            ],
+            diagnostics_seconds=lambda: getattr(strategy.diagnostics, "seconds", 0.0),
+            generator_classes=lambda: len(strategy.generators),
             generated=lambda: (
                 strategy.replay.total_generated,
                 strategy.replay.generation_seconds,

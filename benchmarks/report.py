@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -44,6 +45,14 @@ ABLATION_TABLES = {
     "ABLATIONS": ("digits", "digits_ablations"),
     "CIFAR_ABLATIONS": ("cifar10_cpu_patches", "cifar10_cpu_patches_ablations"),
 }
+
+
+#: Rows of the cost table: result folders where LUCIR and Imagine ran side by
+#: side, in the same process and on the same machine.
+COST_ROWS = ("digits", "cifar10_cpu_patches")
+
+#: Imagine designs compared in the generator-design table, when they ran.
+DESIGN_METHODS = ("imagine", "imagine_compact")
 
 
 def _records(folder: Path) -> list[dict]:
@@ -150,6 +159,120 @@ def gains_table(rows: dict[str, tuple[Path, Path]]) -> str:
     return "\n".join(lines)
 
 
+def _ratio(a: float, b: float) -> float:
+    """``a / b``, NaN (shown as such in a table) when ``b`` is 0."""
+    return a / b if b else math.nan
+
+
+def _by_seed(records: list[dict], method: str) -> dict[int, dict]:
+    return {r["seed"]: r for r in records if r["method"] == method}
+
+
+def _total_seconds(record: dict) -> float:
+    return record["train_seconds"] + record["generator_seconds"]
+
+
+#: Columns of the cost table after the first: header, decimals, and the value
+#: from the (LUCIR, Imagine) records of one seed.
+COST_COLUMNS = (
+    ("LUCIR train s", 1, lambda b, i: b["train_seconds"]),
+    ("Imagine train s", 1, lambda b, i: i["train_seconds"]),
+    (
+        "Imagine train / LUCIR",
+        2,
+        lambda b, i: _ratio(i["train_seconds"], b["train_seconds"]),
+    ),
+    (
+        "fitting s per class",
+        2,
+        lambda b, i: _ratio(i["generator_seconds"], i["generator_classes"]),
+    ),
+    (
+        "Imagine in all / LUCIR",
+        2,
+        lambda b, i: _ratio(_total_seconds(i), b["train_seconds"]),
+    ),
+    (
+        "fitting share of Imagine (%)",
+        1,
+        lambda b, i: 100 * _ratio(i["generator_seconds"], _total_seconds(i)),
+    ),
+    ("counterparts per s", 0, lambda b, i: i["generated_per_second"]),
+    (
+        "generator bytes / exemplar bytes",
+        1,
+        lambda b, i: _ratio(i["generator_bytes"], i["exemplar_bytes"]),
+    ),
+    ("LUCIR peak MiB", 0, lambda b, i: b["peak_memory_bytes"] / 2**20),
+    ("Imagine peak MiB", 0, lambda b, i: i["peak_memory_bytes"] / 2**20),
+)
+
+
+def cost_table(rows: dict[str, list[dict]]) -> str:
+    """What Imagine costs over LUCIR, seed by seed in the same run.
+
+    Training seconds leave out generator fitting and the diagnostics (which
+    measure the method, and are not part of it); "in all" is training plus
+    fitting. Ratios are taken per seed, then averaged.
+    """
+    lines = [
+        "| results | " + " | ".join(h for h, _, _ in COST_COLUMNS) + " |",
+        "| --- |" + " --- |" * len(COST_COLUMNS),
+    ]
+    for name, records in rows.items():
+        lucir, imagine = _by_seed(records, "lucir"), _by_seed(records, "imagine")
+        seeds = sorted(set(lucir) & set(imagine))
+        if not seeds:
+            continue
+        cells = [
+            format_mean_std([fn(lucir[s], imagine[s]) for s in seeds], digits)
+            for _, digits, fn in COST_COLUMNS
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def design_table(rows: dict[str, list[dict]]) -> str:
+    """Per-class against compact generators: accuracy, bytes, fitting time.
+
+    The accuracy difference is paired by seed with the per-class design.
+    """
+    lines = [
+        "| results | design | seeds | avg. inc. acc. (%) | − per-class (points) "
+        "| generator KiB | per-class bytes / these | fitting s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, records in rows.items():
+        per_class = _by_seed(records, "imagine")
+        for method in DESIGN_METHODS:
+            mine = _by_seed(records, method)
+            seeds = sorted(set(mine) & set(per_class))
+            if not seeds:
+                continue
+            runs = [mine[s] for s in seeds]
+            diff = "—"
+            if method != "imagine":
+                g, sd, _ = paired_gain(records, method, "imagine")
+                diff = f"{g:+.2f} ± {sd:.2f}"
+            ratio = format_mean_std(
+                [
+                    _ratio(per_class[s]["generator_bytes"], mine[s]["generator_bytes"])
+                    for s in seeds
+                ],
+                1,
+            )
+            lines.append(
+                f"| {name} | {method} | {len(runs)} "
+                f"| {format_mean_std([100 * r['avg_inc_acc'] for r in runs])} "
+                f"| {diff} "
+                f"| {format_mean_std([r['generator_bytes'] / 1024 for r in runs], 0)} "
+                f"| {ratio} "
+                f"| {format_mean_std([r['generator_seconds'] for r in runs], 1)} |"
+            )
+    # the per-class row alone compares nothing
+    return "\n".join(lines) if len(lines) > 3 else ""
+
+
 def sections(results: Path = RESULTS) -> dict[str, str]:
     """Marker name -> markdown, for every result folder that exists."""
     out = {}
@@ -169,6 +292,16 @@ def sections(results: Path = RESULTS) -> dict[str, str]:
     }
     if gain_rows:
         out["GAINS"] = gains_table(gain_rows)
+    cost_rows = {
+        name: _records(results / name)
+        for name in COST_ROWS
+        if (results / name / "results.json").exists()
+    }
+    if cost_rows:
+        out["COST"] = cost_table(cost_rows)
+        designs = design_table(cost_rows)
+        if designs:
+            out["DESIGNS"] = designs
     profile = results / "profile" / "profile.md"
     if profile.exists():
         out["PROFILE"] = profile.read_text().strip()
@@ -196,7 +329,7 @@ def main(argv=None) -> None:
     group.add_argument("--print", action="store_true", help="print the tables")
     args = p.parse_args(argv)
     parts = sections(args.results)
-    for marker in (*RESULT_TABLES, *ABLATION_TABLES, "GAINS", "PROFILE"):
+    for marker in (*RESULT_TABLES, *ABLATION_TABLES, "GAINS", "COST", "PROFILE"):
         if marker not in parts:
             logger.warning("no results for <!-- %s -->", marker)
     if args.print:

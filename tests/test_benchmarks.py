@@ -172,6 +172,10 @@ def test_compare_smoke_run_writes_every_result(tmp_path, capsys):
     assert by_method["lucir"]["exemplar_bytes"] == 20 * 8 * 8 * 4  # float32 8x8
     assert by_method["imagine"]["generator_bytes"] > 0
     assert by_method["imagine"]["generator_seconds"] > 0
+    assert by_method["imagine"]["diagnostics_seconds"] > 0
+    assert by_method["imagine"]["generator_classes"] == 10
+    assert by_method["imagine"]["train_seconds"] > 0
+    assert by_method["lucir"]["diagnostics_seconds"] == 0
     assert by_method["lucir"]["generator_bytes"] == 0
     table = (out / "results.md").read_text()
     for method in ("naive", "lucir", "imagine"):

@@ -18,6 +18,14 @@ def _record(method, seed, acc, *, classified=None):
         "final_acc": acc - 0.1,
         "forgetting": 0.05,
         "diagnostics": [],
+        # what every result record holds; the cost tests set their own
+        "train_seconds": 10.0,
+        "generator_seconds": 0.0,
+        "generator_classes": 0,
+        "generated_per_second": 0.0,
+        "generator_bytes": 0,
+        "exemplar_bytes": 100,
+        "peak_memory_bytes": 2**20,
     }
     if classified is not None:
         record["diagnostics"] = [
@@ -127,3 +135,54 @@ def test_gains_of_a_run_against_the_baselines_of_another_folder(tmp_path):
         "| cifar10_cpu_heldout | +4.00 ± 0.00 (1 seeds) | +6.00 ± 0.00 (1 seeds) |"
         in rows
     )
+
+
+def _costed(method, seed, *, train, fitting=0.0, classes=0, gen_bytes=0, acc=0.5):
+    record = _record(method, seed, acc)
+    record.update(
+        train_seconds=train,
+        generator_seconds=fitting,
+        generator_classes=classes,
+        generated_per_second=1000.0 if fitting else 0.0,
+        generator_bytes=gen_bytes,
+        peak_memory_bytes=2**20 * (50 if fitting else 40),
+    )
+    return record
+
+
+def test_cost_table_ratios_by_seed():
+    from benchmarks.report import cost_table
+
+    records = [
+        _costed("lucir", 0, train=100.0),
+        _costed("lucir", 1, train=50.0),
+        _costed("imagine", 0, train=120.0, fitting=30.0, classes=10, gen_bytes=1000),
+        _costed("imagine", 1, train=60.0, fitting=15.0, classes=5, gen_bytes=1000),
+    ]
+    row = cost_table({"digits": records}).splitlines()[2]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[0] == "digits"
+    assert cells[1] == "75.0 ± 35.4"  # LUCIR's seconds
+    assert cells[3] == "1.20 ± 0.00"  # 120 / 100 and 60 / 50
+    assert cells[4] == "3.00 ± 0.00"  # 30 s / 10 classes, 15 s / 5 classes
+    assert cells[5] == "1.50 ± 0.00"  # (120 + 30) / 100
+    assert cells[6] == "20.0 ± 0.0"  # 30 of 150 s
+    assert cells[8] == "10.0 ± 0.0"  # 1000 / 100 bytes
+    assert cells[9:] == ["40 ± 0", "50 ± 0"]
+
+
+def test_design_table_pairs_compact_with_per_class():
+    from benchmarks.report import design_table
+
+    records = [
+        _costed("imagine", 0, train=1.0, fitting=8.0, gen_bytes=10240, acc=0.80),
+        _costed("imagine", 1, train=1.0, fitting=8.0, gen_bytes=10240, acc=0.70),
+        _costed("imagine_compact", 0, train=1.0, fitting=4, gen_bytes=1024, acc=0.79),
+        _costed("imagine_compact", 1, train=1.0, fitting=4, gen_bytes=1024, acc=0.68),
+    ]
+    rows = design_table({"digits": records}).splitlines()[2:]
+    assert rows[0].startswith("| digits | imagine | 2 | 75.00 ± 7.07 | — | 10 ± 0 |")
+    compact = [c.strip() for c in rows[1].strip("|").split("|")]
+    assert compact[4] == "-1.50 ± 0.71"  # -1 and -2 points
+    assert compact[5:] == ["1 ± 0", "10.0 ± 0.0", "4.0 ± 0.0"]
+    assert design_table({"digits": records[:2]}) == ""  # nothing to compare
