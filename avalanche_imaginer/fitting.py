@@ -21,6 +21,7 @@ from .models import SplitModel
 __all__ = [
     "ABLATIONS",
     "DESIGNS",
+    "WITHOUT_GENERATORS",
     "ClassMaps",
     "GeneratorConfig",
     "NonFiniteLossError",
@@ -29,8 +30,13 @@ __all__ = [
     "fit_generators",
 ]
 
-#: The paper's ablations of the generator's losses (Table 4).
-ABLATIONS = ("no_generator", "sc", "sc_sdc", "full")
+#: The paper's ablations of the generator's losses (Table 4), and
+#: ``"copies"``: counterparts that are copies of the exemplar's own map, which
+#: give old classes the same extra weight without a generator's diversity.
+ABLATIONS = ("no_generator", "copies", "sc", "sc_sdc", "full")
+
+#: Ablations that fit no generator.
+WITHOUT_GENERATORS = ("no_generator", "copies")
 
 #: Generator designs: one generator per class (paper), or one shared trunk
 #: with a small code per class (``"compact"``, this package's option).

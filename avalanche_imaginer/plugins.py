@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metric_results import MetricValue
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._utils import compute_features, frozen
 from .data import mine_unlabeled
 from .diagnostics import GeneratorDiagnostics, generator_diagnostics
 from .fitting import (
+    WITHOUT_GENERATORS,
     ClassMaps,
     GeneratorConfig,
     fit_compact,
@@ -277,7 +279,7 @@ class GeneratorFittingPlugin(SupervisedPlugin):
         self.fit_losses: dict[int, dict[str, float]] = {}
 
     def after_training_exp(self, strategy, **kwargs):
-        if self.config.ablation == "no_generator" or self.config.epochs == 0:
+        if self.config.ablation in WITHOUT_GENERATORS or self.config.epochs == 0:
             return
         exp_id = strategy.experience.current_experience
         dataset = strategy.experience.dataset.eval()
@@ -439,6 +441,9 @@ class ImaginedReplayPlugin(SupervisedPlugin):
         batch of ``B`` real samples, so that each counterpart weighs as one
         real sample of the batch's mean cross-entropy (as one cross-entropy
         over real and generated samples in the authors' code).
+    :param copies: replay copies of the exemplars' own maps instead of
+        generated ones (no generator, no unlabeled data): a control that adds
+        the same weight on old classes without the generators' diversity.
     :param bn_mode: BatchNorm of the upper part for generated maps: ``"eval"``
         (the running statistics of real maps, untouched by generated ones),
         ``"train"`` (batch statistics, which also enter the running statistics
@@ -454,6 +459,7 @@ class ImaginedReplayPlugin(SupervisedPlugin):
         weight: float = 1.0,
         weighting: str = "batch",
         bn_mode: str = "eval",
+        copies: bool = False,
     ):
         super().__init__()
         if bn_mode not in BN_MODES:
@@ -467,6 +473,7 @@ class ImaginedReplayPlugin(SupervisedPlugin):
         self.weight = weight
         self.weighting = weighting
         self.bn_mode = bn_mode
+        self.copies = copies
         self.last_count = 0  # counterparts generated for the last batch
         self.total_generated = 0  # counterparts generated in the whole run
         self.generation_seconds = 0.0  # time spent in the generators
@@ -478,12 +485,18 @@ class ImaginedReplayPlugin(SupervisedPlugin):
     def before_backward(self, strategy, **kwargs):
         self.last_count = 0
         bank: GeneratorBank = strategy.generators
-        if self.n_generated == 0 or self.weight == 0.0 or len(bank) == 0:
+        if self.n_generated == 0 or self.weight == 0.0:
+            return
+        if len(bank) == 0 and not self.copies:
             return
         old, _ = _old_and_new(strategy)
         y = strategy.mb_y
         is_exemplar = torch.isin(y, old)
-        has_generator = torch.isin(y, torch.tensor(list(bank), device=y.device))
+        has_generator = (
+            torch.ones_like(is_exemplar)
+            if self.copies
+            else torch.isin(y, torch.tensor(list(bank), device=y.device))
+        )
         for c in y[is_exemplar & ~has_generator].unique().tolist():
             if c not in self._warned:
                 self._warned.add(c)
@@ -497,13 +510,10 @@ class ImaginedReplayPlugin(SupervisedPlugin):
         labels = y[rows].repeat_interleave(self.n_generated)  # (E*n,)
         content = strategy.mb_maps[rows].detach().repeat_interleave(self.n_generated, 0)
         with _autocast(strategy):
-            with torch.no_grad(), frozen(model.lower):
-                style = model.feature_map(
-                    strategy.unlabeled_pool.sample(len(labels), strategy.device)
-                )
-            start = time.perf_counter()
-            generated = bank.generate(content, style, labels)  # (E*n, C, H, W)
-            self.generation_seconds += time.perf_counter() - start
+            if self.copies:
+                generated = content
+            else:
+                generated = self._generate(strategy, bank, content, labels)
             if self.bn_mode == "eval":
                 with _bn_eval(model.upper):
                     logits = model.logits_of_map(generated)
@@ -520,6 +530,18 @@ class ImaginedReplayPlugin(SupervisedPlugin):
         strategy.loss += self.weight * loss
         self.last_count = len(labels)
         self.total_generated += len(labels)
+
+    def _generate(self, strategy, bank, content: Tensor, labels: Tensor) -> Tensor:
+        """Counterparts ``(N, C, H, W)`` of ``content`` maps of ``labels``."""
+        model = strategy.model
+        with torch.no_grad(), frozen(model.lower):
+            style = model.feature_map(
+                strategy.unlabeled_pool.sample(len(labels), strategy.device)
+            )
+        start = time.perf_counter()
+        generated = bank.generate(content, style, labels)
+        self.generation_seconds += time.perf_counter() - start
+        return generated
 
     @contextlib.contextmanager
     def _own_statistics(self, module: torch.nn.Module):

@@ -360,8 +360,10 @@ class ImagineStrategy(CosineIncrementalTemplate):
     :param imprint_weights: initialise new classes' weights from their mean
         features, as LUCIR (measured better here).
     :param ablation: ``"full"``, ``"sc_sdc"``, ``"sc"`` (generator losses of
-        the paper's ablation) or ``"no_generator"`` (the same pipeline without
-        imagined replay).
+        the paper's ablation), ``"no_generator"`` (the same pipeline without
+        imagined replay) or ``"copies"`` (no generator: the counterparts are
+        copies of the exemplars' own maps, a control for what the extra weight
+        on old classes does without the generators' diversity).
     :param generator_design: ``"per_class"`` (the paper: one generator per
         class) or ``"compact"`` (one shared trunk fitted on the first
         experience and a small code per class, about ``n_classes`` times fewer
@@ -471,6 +473,7 @@ class ImagineStrategy(CosineIncrementalTemplate):
         )
         self.replay = ImaginedReplayPlugin(
             n_generated=n_generated if ablation != "no_generator" else 0,
+            copies=ablation == "copies",
             weight=replay_weight,
             weighting=replay_weighting,
             bn_mode=generated_bn,

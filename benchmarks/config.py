@@ -16,6 +16,7 @@ METHODS = (
     "icarl",
     "lucir",
     "imagine_no_generator",
+    "imagine_copies",
     "imagine_sc",
     "imagine_sc_sdc",
     "imagine",

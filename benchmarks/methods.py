@@ -21,10 +21,11 @@ from avalanche_imaginer import (
 
 from .config import Config
 
-#: The Imagine variants of the comparison: the paper's ablations and the
-#: compact generator design, as ImagineStrategy arguments.
+#: The Imagine variants of the comparison: the paper's ablations, the copies
+#: control and the compact generator design, as ImagineStrategy arguments.
 IMAGINE_VARIANTS = {
     "imagine_no_generator": {"ablation": "no_generator"},
+    "imagine_copies": {"ablation": "copies"},
     "imagine_sc": {"ablation": "sc"},
     "imagine_sc_sdc": {"ablation": "sc_sdc"},
     "imagine": {"ablation": "full"},

@@ -71,3 +71,15 @@ def test_sample_weighting_counts_each_counterpart_as_one_batch_sample():
 def test_unknown_weighting_is_refused():
     with pytest.raises(ValueError, match="replay_weighting must be one of .*'mean'"):
         ImaginedReplayPlugin(weighting="mean")
+
+
+def test_copies_replay_the_exemplar_maps_themselves():
+    state = replay_state()
+    state.generators = GeneratorBank()  # none needed
+    replay = ImaginedReplayPlugin(n_generated=2, copies=True)
+    replay.before_backward(state)
+    # the exemplar's map, GAP (2, 1), is classified as it is: cosines 2/sqrt(5)
+    # and 1/sqrt(5), as for its doubled counterparts above
+    ce = math.log1p(math.exp(-10.0 / math.sqrt(5.0)))
+    assert replay.last_count == 2
+    assert float(state.loss) == pytest.approx(ce, rel=1e-4)

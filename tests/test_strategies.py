@@ -211,6 +211,32 @@ def test_no_generator_ablation_generates_nothing(
     assert counts and not any(counts)
 
 
+def test_copies_ablation_replays_exemplar_maps_without_generators(
+    digits_stream, model_builder, unlabeled_patches
+):
+    seed_everything()
+    model = model_builder()
+    strategy = make_imagine(
+        model, unlabeled_patches, ablation="copies", train_epochs=1, n_generated=3
+    )
+    seen = []
+
+    def record(s, **kw):
+        exemplars = torch.isin(s.mb_y, torch.tensor(s.memory.classes)).sum()
+        seen.append((s.replay.last_count, int(exemplars)))
+
+    strategy.replay.after_backward = record
+    for experience in digits_stream.train_stream[:2]:
+        strategy.train(experience)
+    assert len(strategy.generators) == 0
+    assert strategy.fitting.fit_seconds == {}
+    # the second experience's batches: 3 copies of each exemplar they hold
+    second = seen[len(seen) // 2 :]
+    assert any(count for count, _ in second)
+    assert all(count == 3 * exemplars for count, exemplars in second)
+    assert strategy.replay.generation_seconds == 0.0
+
+
 @pytest.mark.parametrize("ablation", ["sc", "sc_sdc"])
 def test_generator_ablations_run(
     ablation, digits_stream, model_builder, unlabeled_patches

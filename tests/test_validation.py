@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from avalanche_imaginer import (
+    ABLATIONS,
     LUCIR,
     GeneratorConfig,
     ImagineStrategy,
@@ -202,12 +203,13 @@ def test_every_eval_classifier_is_accepted(build, cls, mode):
     assert build(cls, eval_classifier=mode).eval_classifier == mode
 
 
-@pytest.mark.parametrize("ablation", ["no_generator", "sc", "sc_sdc", "full"])
+@pytest.mark.parametrize("ablation", ABLATIONS)
 def test_every_ablation_is_accepted(build, ablation):
     strategy = build(ImagineStrategy, ablation=ablation)
     assert strategy.generator_config.ablation == ablation
     # the pipeline without generators replays no imagined counterpart
     assert (strategy.replay.n_generated == 0) == (ablation == "no_generator")
+    assert strategy.replay.copies == (ablation == "copies")
 
 
 # ------------------------------------------------------------- generator config
