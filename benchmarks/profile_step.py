@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.profile_step --out DIR`` times, on CIFAR-shaped inputs
 (32 x 32 RGB, ResNet-20 of width 16 split before its last block, maps
-64 x 8 x 8) and the shapes of the CIFAR-10 CPU protocol:
+64 x 8 x 8, all in channels-last memory format as the CIFAR configs run) and
+the shapes of the CIFAR-10 CPU protocol:
 
 - one training step of Imagine, phase by phase (batch of 64 holding 9
   exemplars with 2 counterparts each), beside the same step without
@@ -67,7 +68,8 @@ def profile_step(repeats: int, hidden: int) -> dict:
     old_model = copy.deepcopy(model).eval()
     bank = GeneratorBank()
     for c in range(6):
-        bank.add(c, FeatureGenerator(64, hidden=hidden))
+        generator = FeatureGenerator(64, hidden=hidden)
+        bank.add(c, generator.to(memory_format=torch.channels_last))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(BATCH, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.cat([torch.randint(0, 6, (EXEMPLARS,)), torch.randint(6, 8, (55,))])
@@ -145,7 +147,7 @@ def profile_step(repeats: int, hidden: int) -> dict:
 def profile_fitting(epochs: int, samples: int, hidden: int) -> dict:
     """Seconds per class of fitting, one by one vs together, and compact."""
     torch.manual_seed(0)
-    model = resnet32(blocks_per_stage=3)
+    model = resnet32(blocks_per_stage=3).to(memory_format=torch.channels_last)
     avalanche_model_adaptation(
         model, SimpleNamespace(classes_in_this_experience=list(range(10)))
     )
@@ -153,9 +155,10 @@ def profile_fitting(epochs: int, samples: int, hidden: int) -> dict:
 
     def maps(c):
         return ClassMaps(
-            torch.randn(samples, 64, 8, 8),
-            torch.randn(20, 64, 8, 8),
-            torch.randn(1024, 64, 8, 8),
+            *(
+                torch.randn(n, 64, 8, 8).contiguous(memory_format=torch.channels_last)
+                for n in (samples, 20, 1024)
+            )
         )
 
     config = GeneratorConfig(epochs=epochs, hidden=hidden)
@@ -169,7 +172,9 @@ def profile_fitting(epochs: int, samples: int, hidden: int) -> dict:
         start = time.perf_counter()
         fit_generators(model, classes, config)
         out[f"together_{k}_classes"] = (time.perf_counter() - start) / k
-        shared = ConditionalGenerator(64, hidden=hidden)
+        shared = ConditionalGenerator(64, hidden=hidden).to(
+            memory_format=torch.channels_last
+        )
         for c in classes:
             shared.add_class(c)
         start = time.perf_counter()
@@ -182,13 +187,16 @@ def profile_generation(repeats: int, hidden: int) -> dict:
     """Counterparts per second, per-class bank vs compact bank, 6 classes."""
     torch.manual_seed(0)
     per_class, compact = GeneratorBank(), CompactGeneratorBank()
-    shared = ConditionalGenerator(64, hidden=hidden)
+    last = torch.channels_last
+    shared = ConditionalGenerator(64, hidden=hidden).to(memory_format=last)
     for c in range(6):
-        per_class.add(c, FeatureGenerator(64, hidden=hidden))
+        per_class.add(c, FeatureGenerator(64, hidden=hidden).to(memory_format=last))
         shared.add_class(c)
     compact.set_shared(shared)
     n = 64
-    content, style = torch.randn(n, 64, 8, 8), torch.randn(n, 64, 8, 8)
+    content, style = (
+        torch.randn(n, 64, 8, 8).contiguous(memory_format=last) for _ in range(2)
+    )
     labels = torch.randint(0, 6, (n,))
     return {
         f"{name}_per_second": n
