@@ -39,6 +39,15 @@ GAIN_ROWS = {
     "cifar10_cpu_heldout": "cifar10_cpu_patches",
 }
 
+#: Columns of the gains table: what Imagine is compared with, by method. The
+#: copies control has the same extra weight on old classes as Imagine's
+#: counterparts, without a generator.
+GAIN_BASELINES = {
+    "no generator": "imagine_no_generator",
+    "copies": "imagine_copies",
+    "LUCIR": "lucir",
+}
+
 #: README marker -> (folder of the default run, folder of its variants: runs
 #: that each change one choice of the default Imagine).
 ABLATION_TABLES = {
@@ -53,6 +62,10 @@ COST_ROWS = ("digits", "cifar10_cpu_patches")
 
 #: Imagine designs compared in the generator-design table, when they ran.
 DESIGN_METHODS = ("imagine", "imagine_compact")
+
+#: Variant folders (of a cost row's ``<name>_ablations`` folder) whose Imagine
+#: runs join the generator-design table, under the name given.
+DESIGN_VARIANTS = {"hidden_32": "imagine, 32 channels"}
 
 
 def _records(folder: Path) -> list[dict]:
@@ -142,14 +155,16 @@ def gains_table(rows: dict[str, tuple[Path, Path]]) -> str:
     baselines (the same folder, or one of the same stream and seeds).
     """
     lines = [
-        "| results | Imagine − no generator (points) | Imagine − LUCIR (points) |",
-        "| --- | --- | --- |",
+        "| results | "
+        + " | ".join(f"Imagine − {b} (points)" for b in GAIN_BASELINES)
+        + " |",
+        "| --- |" + " --- |" * len(GAIN_BASELINES),
     ]
     for name, (imagine_folder, baseline_folder) in rows.items():
         imagine = [r for r in _records(imagine_folder) if r["method"] == "imagine"]
         baselines = [r for r in _records(baseline_folder) if r["method"] != "imagine"]
         cells = []
-        for baseline in ("imagine_no_generator", "lucir"):
+        for baseline in GAIN_BASELINES.values():
             try:
                 g, s, n = paired_gain([*imagine, *baselines], "imagine", baseline)
                 cells.append(f"{g:+.2f} ± {s:.2f} ({n} seeds)")
@@ -232,10 +247,14 @@ def cost_table(rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def design_table(rows: dict[str, list[dict]]) -> str:
-    """Per-class against compact generators: accuracy, bytes, fitting time.
+def design_table(
+    rows: dict[str, list[dict]], methods: tuple[str, ...] = DESIGN_METHODS
+) -> str:
+    """Generator designs against the paper's: accuracy, bytes, fitting time.
 
-    The accuracy difference is paired by seed with the per-class design.
+    ``methods`` are the designs to show, ``"imagine"`` (per-class generators
+    of the paper's size) first; the accuracy difference is paired by seed
+    with it.
     """
     lines = [
         "| results | design | seeds | avg. inc. acc. (%) | − per-class (points) "
@@ -244,7 +263,7 @@ def design_table(rows: dict[str, list[dict]]) -> str:
     ]
     for name, records in rows.items():
         per_class = _by_seed(records, "imagine")
-        for method in DESIGN_METHODS:
+        for method in methods:
             mine = _by_seed(records, method)
             seeds = sorted(set(mine) & set(per_class))
             if not seeds:
@@ -273,6 +292,20 @@ def design_table(rows: dict[str, list[dict]]) -> str:
     return "\n".join(lines) if len(lines) > 3 else ""
 
 
+def _design_variants(folder: Path) -> list[dict]:
+    """Imagine runs of the design variants in ``folder``, renamed after them."""
+    out = []
+    for variant, label in DESIGN_VARIANTS.items():
+        path = folder / variant / "results.json"
+        if path.exists():
+            out += [
+                {**r, "method": label}
+                for r in _records(path.parent)
+                if r["method"] == "imagine"
+            ]
+    return out
+
+
 def sections(results: Path = RESULTS) -> dict[str, str]:
     """Marker name -> markdown, for every result folder that exists."""
     out = {}
@@ -299,7 +332,13 @@ def sections(results: Path = RESULTS) -> dict[str, str]:
     }
     if cost_rows:
         out["COST"] = cost_table(cost_rows)
-        designs = design_table(cost_rows)
+        designs = design_table(
+            {
+                name: records + _design_variants(results / f"{name}_ablations")
+                for name, records in cost_rows.items()
+            },
+            DESIGN_METHODS + tuple(DESIGN_VARIANTS.values()),
+        )
         if designs:
             out["DESIGNS"] = designs
     profile = results / "profile" / "profile.md"

@@ -112,7 +112,7 @@ def test_sections_read_the_result_folders(tmp_path):
     assert "| default | imagine | 1 |" in parts["ABLATIONS"]
     assert "| bn_train | imagine | 1 |" in parts["ABLATIONS"]
     assert "+5.00 ± 0.00* |" in parts["ABLATIONS"]
-    assert "| digits | +10.00 ± 0.00 (1 seeds) | — |" in parts["GAINS"]
+    assert "| digits | +10.00 ± 0.00 (1 seeds) | — | — |" in parts["GAINS"]
 
 
 def test_gains_of_a_run_against_the_baselines_of_another_folder(tmp_path):
@@ -120,6 +120,7 @@ def test_gains_of_a_run_against_the_baselines_of_another_folder(tmp_path):
         "cifar10_cpu_patches": [
             _record("lucir", 0, 0.50),
             _record("imagine_no_generator", 0, 0.52),
+            _record("imagine_copies", 0, 0.55),
             _record("imagine", 0, 0.40),  # not this row's Imagine
         ],
         "cifar10_cpu_heldout": [_record("imagine", 0, 0.56)],
@@ -127,13 +128,17 @@ def test_gains_of_a_run_against_the_baselines_of_another_folder(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(records))
     rows = sections(tmp_path)["GAINS"].splitlines()
-    assert (
-        "| cifar10_cpu_patches | -12.00 ± 0.00 (1 seeds) | -10.00 ± 0.00 (1 seeds) |"
-        in rows
+    assert rows[0] == (
+        "| results | Imagine − no generator (points) | Imagine − copies (points) "
+        "| Imagine − LUCIR (points) |"
     )
     assert (
-        "| cifar10_cpu_heldout | +4.00 ± 0.00 (1 seeds) | +6.00 ± 0.00 (1 seeds) |"
-        in rows
+        "| cifar10_cpu_patches | -12.00 ± 0.00 (1 seeds) | -15.00 ± 0.00 (1 seeds) "
+        "| -10.00 ± 0.00 (1 seeds) |" in rows
+    )
+    assert (
+        "| cifar10_cpu_heldout | +4.00 ± 0.00 (1 seeds) | +1.00 ± 0.00 (1 seeds) "
+        "| +6.00 ± 0.00 (1 seeds) |" in rows
     )
 
 
@@ -186,3 +191,20 @@ def test_design_table_pairs_compact_with_per_class():
     assert compact[4] == "-1.50 ± 0.71"  # -1 and -2 points
     assert compact[5:] == ["1 ± 0", "10.0 ± 0.0", "4.0 ± 0.0"]
     assert design_table({"digits": records[:2]}) == ""  # nothing to compare
+
+
+def test_design_variants_join_the_design_table(tmp_path):
+    digits = tmp_path / "digits"
+    narrow = tmp_path / "digits_ablations" / "hidden_32"
+    narrow.mkdir(parents=True)
+    digits.mkdir()
+    paper = [
+        _costed("lucir", 0, train=1.0),
+        _costed("imagine", 0, train=1.0, fitting=8.0, gen_bytes=8192, acc=0.8),
+    ]
+    (digits / "results.json").write_text(json.dumps(paper))
+    small = [_costed("imagine", 0, train=1.0, fitting=2.0, gen_bytes=1024, acc=0.77)]
+    (narrow / "results.json").write_text(json.dumps(small))
+    rows = sections(tmp_path)["DESIGNS"].splitlines()[2:]
+    assert [r.split(" | ")[1] for r in rows] == ["imagine", "imagine, 32 channels"]
+    assert "| -3.00 ± 0.00 | 1 ± 0 | 8.0 ± 0.0 | 2.0 ± 0.0 |" in rows[1]
