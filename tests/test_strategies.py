@@ -56,17 +56,17 @@ def make_imagine(model, unlabeled, **kwargs) -> ImagineStrategy:
     )
 
 
+def make_lucir(model, **kwargs) -> LUCIR:
+    defaults = dict(
+        memory_size=60, train_mb_size=32, train_epochs=1, evaluator=quiet_evaluator()
+    )
+    defaults.update(kwargs)
+    return LUCIR(model=model, optimizer=sgd(model), **defaults)
+
+
 def test_lucir_beats_naive_by_15_points(digits_stream, model_builder):
     seed_everything()
-    lucir_model = model_builder()
-    lucir = LUCIR(
-        model=lucir_model,
-        optimizer=sgd(lucir_model),
-        memory_size=60,
-        train_mb_size=32,
-        train_epochs=4,
-        evaluator=quiet_evaluator(),
-    )
+    lucir = make_lucir(model_builder(), train_epochs=4)
     lucir_acc = average_incremental_accuracy(lucir, digits_stream)
 
     seed_everything()
@@ -91,12 +91,9 @@ def test_lucir_runs_with_nme_and_text_logger(digits_stream, model_builder):
     seed_everything()
     model = model_builder()
     log = io.StringIO()
-    strategy = LUCIR(
-        model=model,
-        optimizer=sgd(model),
+    strategy = make_lucir(
+        model,
         memory_size=40,
-        train_mb_size=32,
-        train_epochs=1,
         finetuning_epochs=1,
         eval_classifier="nme",
         evaluator=quiet_evaluator(log),
@@ -407,15 +404,7 @@ def test_mixed_precision_runs_the_network_in_bfloat16(
                 mixed_precision=True,
             )
         else:
-            strategy = LUCIR(
-                model=model,
-                optimizer=sgd(model),
-                memory_size=60,
-                train_mb_size=32,
-                train_epochs=1,
-                mixed_precision=True,
-                evaluator=quiet_evaluator(),
-            )
+            strategy = make_lucir(model, mixed_precision=True)
     seen = []
 
     class Watch:
