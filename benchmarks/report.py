@@ -65,7 +65,10 @@ DESIGN_METHODS = ("imagine", "imagine_compact")
 
 #: Variant folders (of a cost row's ``<name>_ablations`` folder) whose Imagine
 #: runs join the generator-design table, under the name given.
-DESIGN_VARIANTS = {"hidden_32": "imagine, 32 channels"}
+DESIGN_VARIANTS = {
+    "hidden_32": "imagine, 32 channels",
+    "hidden_32_epochs_4": "imagine, 32 channels, 4 epochs",
+}
 
 
 def _records(folder: Path) -> list[dict]:
@@ -331,13 +334,23 @@ def sections(results: Path = RESULTS) -> dict[str, str]:
         if (results / name / "results.json").exists()
     }
     if cost_rows:
-        out["COST"] = cost_table(cost_rows)
+        with_variants = {
+            name: records + _design_variants(results / f"{name}_ablations")
+            for name, records in cost_rows.items()
+        }
+        # each design variant's cost against the LUCIR of its default run
+        costed = dict(cost_rows)
+        for name, records in with_variants.items():
+            lucir = [r for r in records if r["method"] == "lucir"]
+            for label in DESIGN_VARIANTS.values():
+                mine = [
+                    {**r, "method": "imagine"} for r in records if r["method"] == label
+                ]
+                if mine:
+                    costed[f"{name}, {label.removeprefix('imagine, ')}"] = lucir + mine
+        out["COST"] = cost_table(costed)
         designs = design_table(
-            {
-                name: records + _design_variants(results / f"{name}_ablations")
-                for name, records in cost_rows.items()
-            },
-            DESIGN_METHODS + tuple(DESIGN_VARIANTS.values()),
+            with_variants, DESIGN_METHODS + tuple(DESIGN_VARIANTS.values())
         )
         if designs:
             out["DESIGNS"] = designs

@@ -205,6 +205,11 @@ def test_design_variants_join_the_design_table(tmp_path):
     (digits / "results.json").write_text(json.dumps(paper))
     small = [_costed("imagine", 0, train=1.0, fitting=2.0, gen_bytes=1024, acc=0.77)]
     (narrow / "results.json").write_text(json.dumps(small))
-    rows = sections(tmp_path)["DESIGNS"].splitlines()[2:]
+    parts = sections(tmp_path)
+    rows = parts["DESIGNS"].splitlines()[2:]
     assert [r.split(" | ")[1] for r in rows] == ["imagine", "imagine, 32 channels"]
     assert "| -3.00 ± 0.00 | 1 ± 0 | 8.0 ± 0.0 | 2.0 ± 0.0 |" in rows[1]
+    # its cost against the default run's LUCIR: (1 + 2) / 1 in all
+    cost = parts["COST"].splitlines()[2:]
+    assert [r.split(" | ")[0] for r in cost] == ["| digits", "| digits, 32 channels"]
+    assert cost[1].split(" | ")[5] == "3.00 ± 0.00"
