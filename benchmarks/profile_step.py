@@ -10,7 +10,8 @@ the shapes of the CIFAR-10 CPU protocol:
   generators (LUCIR's forward passes and losses);
 - generator fitting per class, one by one and together (grouped convolutions),
   per-class and compact designs;
-- generation throughput (counterparts per second).
+- generation throughput (counterparts per second);
+- the bytes of per-class and compact generators for 10, 50 and 100 classes.
 
 It writes ``DIR/profile.json`` and ``DIR/profile.md``.
 """
@@ -42,6 +43,7 @@ from avalanche_imaginer.fitting import (
     fit_generator,
     fit_generators,
 )
+from avalanche_imaginer.generator import parameter_bytes
 from avalanche_imaginer.losses import less_forget_loss, margin_ranking_loss
 
 BATCH, EXEMPLARS, N_GENERATED = 64, 9, 2
@@ -183,6 +185,22 @@ def profile_fitting(epochs: int, samples: int, hidden: int) -> dict:
     return out
 
 
+def generator_bytes(hidden: int, classes=(10, 50, 100)) -> dict:
+    """Bytes of the generators of ``k`` classes of 64-channel maps, per design.
+
+    Per-class: ``k`` generators of the paper's design; compact: one trunk and
+    ``k`` class codes, whose share falls as classes are added.
+    """
+    one = parameter_bytes(FeatureGenerator(64, hidden=hidden))
+    out = {}
+    for k in classes:
+        shared = ConditionalGenerator(64, hidden=hidden)
+        for c in range(k):
+            shared.add_class(c)
+        out[str(k)] = {"per_class": k * one, "compact": parameter_bytes(shared)}
+    return out
+
+
 def profile_generation(repeats: int, hidden: int) -> dict:
     """Counterparts per second, per-class bank vs compact bank, 6 classes."""
     torch.manual_seed(0)
@@ -253,7 +271,17 @@ def _markdown(results: dict) -> str:
         f"Generation: {gen['per_class_per_second']:.0f} counterparts/s with per-class "
         f"generators, {gen['compact_per_second']:.0f}/s compact (6 classes in a batch "
         "of 64).",
+        "",
+        "Generator bytes for 64-channel maps (float32):",
+        "",
+        "| classes | per-class MiB | compact MiB | per-class / compact |",
+        "| --- | --- | --- | --- |",
     ]
+    for k, b in results["bytes"].items():
+        lines.append(
+            f"| {k} | {b['per_class'] / 2**20:.1f} | {b['compact'] / 2**20:.2f} "
+            f"| {b['per_class'] / b['compact']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -279,6 +307,7 @@ def main(argv=None) -> dict:
             args.generator_epochs, args.fit_samples, args.hidden
         ),
         "generation": profile_generation(args.repeats, args.hidden),
+        "bytes": generator_bytes(args.hidden),
     }
     text = _markdown(results)
     if args.out is not None:

@@ -269,5 +269,10 @@ def test_profile_step_smoke_run(tmp_path):
         for k in (2, 10)
     }
     assert results["generation"]["compact_per_second"] > 0
+    # per-class bytes grow with the classes; the compact trunk is paid once,
+    # then each class adds its code: 2 blocks x 4 x 8 channels of float32
+    sizes = results["bytes"]
+    assert sizes["100"]["per_class"] == 10 * sizes["10"]["per_class"]
+    assert sizes["100"]["compact"] - sizes["10"]["compact"] == 90 * 2 * 4 * 8 * 4
     assert "| generate |" in (tmp_path / "profile.md").read_text()
     assert json.loads((tmp_path / "profile.json").read_text()) == results
