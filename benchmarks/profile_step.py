@@ -11,7 +11,8 @@ the shapes of the CIFAR-10 CPU protocol:
 - generator fitting per class, one by one and together (grouped convolutions),
   per-class and compact designs;
 - generation throughput (counterparts per second);
-- the bytes of per-class and compact generators for 10, 50 and 100 classes.
+- the bytes of per-class and compact generators for 10, 50 and 100 classes;
+- a training step and a generator step in contiguous and channels-last memory.
 
 It writes ``DIR/profile.json`` and ``DIR/profile.md``.
 """
@@ -185,6 +186,45 @@ def profile_fitting(epochs: int, samples: int, hidden: int) -> dict:
     return out
 
 
+def profile_memory_format(repeats: int, hidden: int) -> dict:
+    """Seconds of a training step of the network and of a generator fitting
+    step (mix, cycle, backward), contiguous against channels-last."""
+    out = {}
+    for name, fmt in (
+        ("contiguous", torch.contiguous_format),
+        ("channels_last", torch.channels_last),
+    ):
+        torch.manual_seed(0)
+        model = resnet32(blocks_per_stage=3).to(memory_format=fmt)
+        avalanche_model_adaptation(
+            model, SimpleNamespace(classes_in_this_experience=list(range(8)))
+        )
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        x = torch.randn(BATCH, 3, 32, 32).contiguous(memory_format=fmt)
+        y = torch.randint(0, 8, (BATCH,))
+
+        def train_step(model=model, optimizer=optimizer, x=x, y=y):
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        generator = FeatureGenerator(64, hidden=hidden).to(memory_format=fmt)
+        content, style = (
+            torch.randn(BATCH, 64, 8, 8).contiguous(memory_format=fmt) for _ in range(2)
+        )
+
+        def generator_step(g=generator, a=content, b=style):
+            mix = g(a, b)
+            (mix.square().mean() + g(mix, a).square().mean()).backward()
+
+        out[name] = {
+            "train_step_seconds": _timed(train_step, repeats),
+            "generator_step_seconds": _timed(generator_step, repeats),
+        }
+    return out
+
+
 def generator_bytes(hidden: int, classes=(10, 50, 100)) -> dict:
     """Bytes of the generators of ``k`` classes of 64-channel maps, per design.
 
@@ -282,6 +322,23 @@ def _markdown(results: dict) -> str:
             f"| {k} | {b['per_class'] / 2**20:.1f} | {b['compact'] / 2**20:.2f} "
             f"| {b['per_class'] / b['compact']:.1f} |"
         )
+    fmt = results["memory_format"]
+    lines += [
+        "",
+        "Memory format, ms per step (network: a training step of batch 64; "
+        "generator: mix, cycle and backward on 64 maps):",
+        "",
+        "| step | contiguous | channels-last | saved |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, label in (
+        ("train_step_seconds", "network"),
+        ("generator_step_seconds", "generator"),
+    ):
+        a, b = fmt["contiguous"][key], fmt["channels_last"][key]
+        lines.append(
+            f"| {label} | {1000 * a:.1f} | {1000 * b:.1f} | {100 * (1 - b / a):.0f} % |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -308,6 +365,7 @@ def main(argv=None) -> dict:
         ),
         "generation": profile_generation(args.repeats, args.hidden),
         "bytes": generator_bytes(args.hidden),
+        "memory_format": profile_memory_format(args.repeats, args.hidden),
     }
     text = _markdown(results)
     if args.out is not None:

@@ -103,15 +103,18 @@ def variants_table(variants: dict[str, list[dict]]) -> str:
 
     A variant that changes only the generators has no no-generator run of its
     own (it would be the same run): its gain is over the first variant's,
-    marked ``*``.
+    marked ``*``. The gain over the copies control is shown only where the
+    variant ran that control itself (its copies differ with the weight, the
+    BatchNorm mode or the pipeline).
     """
     first = next(iter(variants.values()), [])
     fallback = [r for r in first if r["method"] == "imagine_no_generator"]
     lines = [
         "| variant | method | seeds | avg. inc. acc. (%) | final acc. (%) "
         "| forgetting (%) | gain over no generator (points, paired) "
+        "| gain over copies (points, paired) "
         "| classified as their class, end (%) | std generated / real, end |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for variant, records in variants.items():
         methods = list(dict.fromkeys(r["method"] for r in records))
@@ -123,6 +126,12 @@ def variants_table(variants: dict[str, list[dict]]) -> str:
                 pool = records if own else [*rows, *fallback]
                 g, s, _ = paired_gain(pool, method, "imagine_no_generator")
                 gain = f"{g:+.2f} ± {s:.2f}" + ("" if own else "*")
+            over_copies = "—"
+            if method not in ("imagine_no_generator", "imagine_copies") and any(
+                r["method"] == "imagine_copies" for r in records
+            ):
+                g, s, _ = paired_gain(records, method, "imagine_copies")
+                over_copies = f"{g:+.2f} ± {s:.2f}"
             end = diagnostics_by(records, method, after_last_experience)
             classified = (
                 format_mean_std([100 * e["classified"] for e in end], 1) if end else "—"
@@ -133,7 +142,7 @@ def variants_table(variants: dict[str, list[dict]]) -> str:
                 f"| {format_mean_std([100 * r['avg_inc_acc'] for r in rows])} "
                 f"| {format_mean_std([100 * r['final_acc'] for r in rows])} "
                 f"| {format_mean_std([100 * r['forgetting'] for r in rows])} "
-                f"| {gain} | {classified} | {ratio} |"
+                f"| {gain} | {over_copies} | {classified} | {ratio} |"
             )
     return "\n".join(lines)
 
@@ -142,7 +151,7 @@ def ablation_variants(default: Path, folder: Path) -> dict[str, list[dict]]:
     """The default run's Imagine rows, then those of each variant folder."""
     variants = {}
     if (default / "results.json").exists():
-        keep = ("imagine_no_generator", "imagine")
+        keep = ("imagine_no_generator", "imagine_copies", "imagine")
         variants["default"] = [r for r in _records(default) if r["method"] in keep]
     if folder.is_dir():
         for sub in sorted(p for p in folder.iterdir() if p.is_dir()):

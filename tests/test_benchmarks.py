@@ -274,5 +274,7 @@ def test_profile_step_smoke_run(tmp_path):
     sizes = results["bytes"]
     assert sizes["100"]["per_class"] == 10 * sizes["10"]["per_class"]
     assert sizes["100"]["compact"] - sizes["10"]["compact"] == 90 * 2 * 4 * 8 * 4
+    assert set(results["memory_format"]) == {"contiguous", "channels_last"}
+    assert "| generator |" in (tmp_path / "profile.md").read_text()
     assert "| generate |" in (tmp_path / "profile.md").read_text()
     assert json.loads((tmp_path / "profile.json").read_text()) == results

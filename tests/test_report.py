@@ -78,10 +78,31 @@ def test_variants_table_gains_over_own_or_first_no_generator_run():
     assert len(rows) == 3
     # default: +4 and +2 points -> +3.00; half the maps classified right
     assert "| default | imagine | 2 |" in rows[1]
-    assert "+3.00 ± 1.41 |" in rows[1] and "| 50.0 ± 35.4 |" in rows[1]
+    assert "+3.00 ± 1.41 | — |" in rows[1] and "| 50.0 ± 35.4 |" in rows[1]
     # a variant without its own no-generator run is compared with the first's
-    assert "+2.00 ± 1.41* |" in rows[2]  # +3 and +1
-    assert "| — | — | — |" in rows[0]  # no gain, no diagnostics for no-generator
+    assert "+2.00 ± 1.41* | — |" in rows[2]  # +3 and +1
+    assert "| — | — | — | — |" in rows[0]  # no gain, no diagnostics for no-generator
+
+
+def test_variants_table_gain_over_the_variants_own_copies_run():
+    default = [
+        _record("imagine_no_generator", 0, 0.60),
+        _record("imagine_copies", 0, 0.62),
+        _record("imagine", 0, 0.61),
+    ]
+    heavier = [_record("imagine_copies", 0, 0.66), _record("imagine", 0, 0.63)]
+    rows = variants_table({"default": default, "weight_1": heavier}).splitlines()[2:]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert [c[:2] for c in cells] == [
+        ["default", "imagine_no_generator"],
+        ["default", "imagine_copies"],
+        ["default", "imagine"],
+        ["weight_1", "imagine_copies"],
+        ["weight_1", "imagine"],
+    ]
+    assert cells[2][6:8] == ["+1.00 ± 0.00", "-1.00 ± 0.00"]
+    assert cells[4][6:8] == ["+3.00 ± 0.00*", "-3.00 ± 0.00"]
+    assert cells[3][7] == "—"  # the control is not compared with itself
 
 
 def test_fill_replaces_only_the_marked_blocks():
