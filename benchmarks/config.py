@@ -97,8 +97,9 @@ class Config:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     device: str = "cpu"
     threads: int | None = None  # torch CPU threads
-    # every method's network in channels-last memory format: about 12 %
-    # faster on the CPU at CIFAR sizes (generators follow). Off by default:
+    # every method's network in channels-last memory format: a training
+    # step 18 % faster on the CPU at CIFAR sizes (profile_step; generators
+    # follow). Off by default:
     # torch 2.14's oneDNN corrupts the heap in the backward pass of a strided
     # 1x1 convolution with 2 or 4 input channels (a width-4 ResNet).
     channels_last: bool = False
