@@ -492,18 +492,19 @@ class ImaginedReplayPlugin(SupervisedPlugin):
         old, _ = _old_and_new(strategy)
         y = strategy.mb_y
         is_exemplar = torch.isin(y, old)
-        has_generator = (
+        # copies need no generator; counterparts need their class's
+        replayable = (
             torch.ones_like(is_exemplar)
             if self.copies
             else torch.isin(y, torch.tensor(list(bank), device=y.device))
         )
-        for c in y[is_exemplar & ~has_generator].unique().tolist():
+        for c in y[is_exemplar & ~replayable].unique().tolist():
             if c not in self._warned:
                 self._warned.add(c)
                 logger.warning(
                     "class %d has no generator: its exemplars get no counterpart", c
                 )
-        rows = torch.nonzero(is_exemplar & has_generator).flatten()
+        rows = torch.nonzero(is_exemplar & replayable).flatten()
         if len(rows) == 0:
             return
         model = strategy.model

@@ -23,8 +23,6 @@ from .generator import CompactGeneratorBank, GeneratorBank
 from .memory import ExemplarMemory
 from .models import CosineClassifier, SplitModel
 from .plugins import (
-    BN_MODES,
-    REPLAY_WEIGHTINGS,
     ClassBalancedFinetuningPlugin,
     ExemplarMemoryPlugin,
     GeneratorDiagnosticsPlugin,
@@ -264,8 +262,8 @@ class LUCIR(CosineIncrementalTemplate):
         first experience (1: same as the rest).
     :param eval_classifier: ``"cnn"`` (cosine head) or ``"nme"``.
     :param mixed_precision: run the network's forward passes (lower and
-        upper parts, the old model, imagined replay) under bfloat16 autocast,
-        for GPUs; the classifier and the losses stay in float32.
+        upper parts, the old model) under bfloat16 autocast, for GPUs; the
+        classifier and the losses stay in float32.
     """
 
     def __init__(
@@ -351,10 +349,11 @@ class ImagineStrategy(CosineIncrementalTemplate):
     :param replay_weight: weight of the counterparts' cross-entropy (0.1; the
         paper's is 1, which measured worse here on CIFAR-10: README, "Design
         choices").
-    :param replay_weighting: ``"sample"``: each counterpart weighs as one
-        real sample of the batch (the authors' one cross-entropy over real and
-        generated samples); ``"batch"``: the counterparts' mean cross-entropy
-        weighs as much as the whole batch's, however few exemplars it holds.
+    :param replay_weighting: ``"batch"`` (default): the counterparts' mean
+        cross-entropy, times ``replay_weight``, weighs as much as the whole
+        batch's, however few exemplars it holds; ``"sample"``: each
+        counterpart weighs as one real sample of the batch (the authors' one
+        cross-entropy over real and generated samples).
     :param lambda_base: base weight of the less-forget distillation (5).
     :param margin_weight: weight of LUCIR's margin ranking loss on exemplars
         (1, as LUCIR; 0 gives the paper's loss, which measured worse here:
@@ -438,15 +437,6 @@ class ImagineStrategy(CosineIncrementalTemplate):
         if generator_design not in DESIGNS:
             raise ValueError(
                 f"generator_design must be one of {DESIGNS}, got {generator_design!r}"
-            )
-        if replay_weighting not in REPLAY_WEIGHTINGS:
-            raise ValueError(
-                f"replay_weighting must be one of {REPLAY_WEIGHTINGS}, "
-                f"got {replay_weighting!r}"
-            )
-        if generated_bn not in BN_MODES:
-            raise ValueError(
-                f"generated_bn must be one of {BN_MODES}, got {generated_bn!r}"
             )
         if generator is not None and not isinstance(generator, GeneratorConfig):
             raise TypeError(
