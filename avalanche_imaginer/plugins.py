@@ -434,7 +434,8 @@ class ImaginedReplayPlugin(SupervisedPlugin):
     exemplars adds nothing.
 
     :param n_generated: counterparts per exemplar.
-    :param weight: weight of their cross-entropy.
+    :param weight: weight of their cross-entropy (0.1, as
+        :class:`~avalanche_imaginer.ImagineStrategy`; the paper's is 1).
     :param weighting: ``"batch"``: ``weight * mean CE`` of the counterparts,
         which then weigh as much as the whole batch of real samples, however
         few exemplars it holds; ``"sample"``: ``weight * sum CE / B`` for a
@@ -456,7 +457,7 @@ class ImaginedReplayPlugin(SupervisedPlugin):
         self,
         *,
         n_generated: int = 2,
-        weight: float = 1.0,
+        weight: float = 0.1,
         weighting: str = "batch",
         bn_mode: str = "eval",
         copies: bool = False,

@@ -76,7 +76,7 @@ def test_unknown_weighting_is_refused():
 def test_copies_replay_the_exemplar_maps_themselves():
     state = replay_state()
     state.generators = GeneratorBank()  # none needed
-    replay = ImaginedReplayPlugin(n_generated=2, copies=True)
+    replay = ImaginedReplayPlugin(n_generated=2, weight=1.0, copies=True)
     replay.before_backward(state)
     # the exemplar's map, GAP (2, 1), is classified as it is: cosines 2/sqrt(5)
     # and 1/sqrt(5), as for its doubled counterparts above
