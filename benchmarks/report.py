@@ -53,6 +53,7 @@ GAIN_BASELINES = {
 ABLATION_TABLES = {
     "ABLATIONS": ("digits", "digits_ablations"),
     "CIFAR_ABLATIONS": ("cifar10_cpu_patches", "cifar10_cpu_patches_ablations"),
+    "HELDOUT_ABLATIONS": ("cifar10_cpu_heldout", "cifar10_cpu_heldout_ablations"),
 }
 
 
@@ -147,12 +148,27 @@ def variants_table(variants: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def ablation_variants(default: Path, folder: Path) -> dict[str, list[dict]]:
-    """The default run's Imagine rows, then those of each variant folder."""
+def ablation_variants(
+    default: Path, folder: Path, baselines: Path | None = None
+) -> dict[str, list[dict]]:
+    """The default run's Imagine rows, then those of each variant folder.
+
+    ``baselines``: a run of the same stream and seeds whose no-generator and
+    copies rows stand in for those the default run lacks (the held-out run
+    has only Imagine).
+    """
     variants = {}
     if (default / "results.json").exists():
         keep = ("imagine_no_generator", "imagine_copies", "imagine")
-        variants["default"] = [r for r in _records(default) if r["method"] in keep]
+        rows = [r for r in _records(default) if r["method"] in keep]
+        if baselines is not None and (baselines / "results.json").exists():
+            have = {r["method"] for r in rows}
+            rows = [
+                r
+                for r in _records(baselines)
+                if r["method"] in keep and r["method"] not in have
+            ] + rows
+        variants["default"] = rows
     if folder.is_dir():
         for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
             if (sub / "results.json").exists():
@@ -326,7 +342,10 @@ def sections(results: Path = RESULTS) -> dict[str, str]:
         if path.exists():
             out[marker] = path.read_text().strip()
     for marker, (default, folder) in ABLATION_TABLES.items():
-        variants = ablation_variants(results / default, results / folder)
+        baselines = results / GAIN_ROWS.get(default, default)
+        variants = ablation_variants(
+            results / default, results / folder, baselines=baselines
+        )
         if len(variants) > 1:  # the default alone is in the results table
             out[marker] = variants_table(variants)
     gain_rows = {

@@ -163,6 +163,32 @@ def test_gains_of_a_run_against_the_baselines_of_another_folder(tmp_path):
     )
 
 
+def test_heldout_variants_are_compared_with_the_baselines_of_its_stream(tmp_path):
+    runs = {
+        "cifar10_cpu_patches": [
+            _record("imagine_no_generator", 0, 0.52),
+            _record("imagine_copies", 0, 0.55),
+            _record("imagine", 0, 0.40),  # the other unlabeled source's
+        ],
+        "cifar10_cpu_heldout": [_record("imagine", 0, 0.56)],
+        "cifar10_cpu_heldout_ablations/sc": [_record("imagine_sc", 0, 0.53)],
+    }
+    for name, records in runs.items():
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "results.json").write_text(json.dumps(records))
+    rows = sections(tmp_path)["HELDOUT_ABLATIONS"].splitlines()[2:]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    assert [c[:3] for c in cells] == [
+        ["default", "imagine_no_generator", "1"],
+        ["default", "imagine_copies", "1"],
+        ["default", "imagine", "1"],  # the held-out run's, not the patches run's
+        ["sc", "imagine_sc", "1"],
+    ]
+    assert cells[2][3] == "56.00 ± 0.00"
+    assert cells[2][6:8] == ["+4.00 ± 0.00", "+1.00 ± 0.00"]
+    assert cells[3][6] == "+1.00 ± 0.00*"
+
+
 def _costed(method, seed, *, train, fitting=0.0, classes=0, gen_bytes=0, acc=0.5):
     record = _record(method, seed, acc)
     record.update(
