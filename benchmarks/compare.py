@@ -345,6 +345,9 @@ def parse_args(argv=None) -> tuple[Config, Path | None]:
 
 def main(argv=None) -> list[dict]:
     cfg, out = parse_args(argv)
+    # The code that runs is the code imported now: its commit and changes are
+    # recorded before the runs, which edits made during a long run cannot alter.
+    environment = _environment()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     stream = build_stream(cfg)
@@ -362,20 +365,22 @@ def main(argv=None) -> list[dict]:
             100 * record["final_acc"],
         )
         if out is not None:  # keep what is done if a later run fails
-            _write(out, cfg, stream, records, methods, final=False)
+            _write(out, cfg, environment, stream, records, methods, final=False)
     table = summarize(records, methods)
     if out is not None:
-        _write(out, cfg, stream, records, methods, final=True)
+        _write(out, cfg, environment, stream, records, methods, final=True)
     # The table is the command's output, for the user to read.
     print(f"{stream.description}\n\n{table}")  # noqa: T201
     return records
 
 
-def _write(out: Path, cfg: Config, stream, records, methods, *, final: bool) -> None:
+def _write(
+    out: Path, cfg: Config, environment: dict, stream, records, methods, *, final: bool
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(records, indent=1))
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    (out / "environment.json").write_text(json.dumps(_environment(), indent=1))
+    (out / "environment.json").write_text(json.dumps(environment, indent=1))
     if final:
         header = (
             f"{stream.description}\n\nSeeds {cfg.seeds}; mean ± std over seeds.\n\n"

@@ -193,6 +193,28 @@ def test_compare_smoke_run_writes_every_result(tmp_path, capsys):
     assert "| imagine | 1 |" in capsys.readouterr().out
 
 
+def test_environment_is_recorded_before_the_runs(tmp_path, monkeypatch):
+    from benchmarks import compare
+
+    calls = []
+    monkeypatch.setattr(
+        compare, "_environment", lambda: calls.append("environment") or {"commit": "c"}
+    )
+    run_one = compare.run_one
+
+    def counted(*args, **kwargs):
+        calls.append("run")
+        return run_one(*args, **kwargs)
+
+    monkeypatch.setattr(compare, "run_one", counted)
+    out = tmp_path / "out"
+    args = ["--steps", "2", "--epochs", "1", "--width", "4", "--threads", "1"]
+    main([*args, "--seeds", "0", "1", "--methods", "naive", "--out", str(out)])
+    # once, before the first run: an edit during the runs does not change it
+    assert calls == ["environment", "run", "run"]
+    assert json.loads((out / "environment.json").read_text()) == {"commit": "c"}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_builds_and_trains_one_experience(method):
     from avalanche.evaluation.metrics import accuracy_metrics
