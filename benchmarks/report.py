@@ -161,7 +161,7 @@ def ablation_variants(
     if (default / "results.json").exists():
         keep = ("imagine_no_generator", "imagine_copies", "imagine")
         rows = [r for r in _records(default) if r["method"] in keep]
-        if baselines is not None and (baselines / "results.json").exists():
+        if baselines not in (None, default) and (baselines / "results.json").exists():
             have = {r["method"] for r in rows}
             rows = [
                 r
