@@ -97,6 +97,11 @@ def paired_gain(
     return mean, std, len(seeds)
 
 
+def _gain(mean: float, std: float) -> str:
+    """A paired gain as the tables show it: signed mean ± std, in points."""
+    return f"{mean:+.2f} ± {std:.2f}"
+
+
 def variants_table(variants: dict[str, list[dict]]) -> str:
     """One row per (variant, method): accuracy, the paired gain over the
     variant's no-generator run, and the generators' diagnostics after the last
@@ -126,13 +131,13 @@ def variants_table(variants: dict[str, list[dict]]) -> str:
             if method != "imagine_no_generator" and (own or fallback):
                 pool = records if own else [*rows, *fallback]
                 g, s, _ = paired_gain(pool, method, "imagine_no_generator")
-                gain = f"{g:+.2f} ± {s:.2f}" + ("" if own else "*")
+                gain = _gain(g, s) + ("" if own else "*")
             over_copies = "—"
             if method not in ("imagine_no_generator", "imagine_copies") and any(
                 r["method"] == "imagine_copies" for r in records
             ):
                 g, s, _ = paired_gain(records, method, "imagine_copies")
-                over_copies = f"{g:+.2f} ± {s:.2f}"
+                over_copies = _gain(g, s)
             end = diagnostics_by(records, method, after_last_experience)
             classified = (
                 format_mean_std([100 * e["classified"] for e in end], 1) if end else "—"
@@ -195,7 +200,7 @@ def gains_table(rows: dict[str, tuple[Path, Path]]) -> str:
         for baseline in GAIN_BASELINES.values():
             try:
                 g, s, n = paired_gain([*imagine, *baselines], "imagine", baseline)
-                cells.append(f"{g:+.2f} ± {s:.2f} ({n} seeds)")
+                cells.append(f"{_gain(g, s)} ({n} seeds)")
             except ValueError:
                 cells.append("—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -300,7 +305,7 @@ def design_table(
             diff = "—"
             if method != "imagine":
                 g, sd, _ = paired_gain(records, method, "imagine")
-                diff = f"{g:+.2f} ± {sd:.2f}"
+                diff = _gain(g, sd)
             ratio = format_mean_std(
                 [
                     _ratio(per_class[s]["generator_bytes"], mine[s]["generator_bytes"])
